@@ -1,0 +1,123 @@
+"""The `augment-ray` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+
+import click
+
+from augment_ray.config import JobSpec, load_job
+from augment_ray.errors import AugmentRayError
+
+EXIT_FAILED = 1
+EXIT_BAD_JOB = 2
+
+
+def _fail(error: AugmentRayError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _load(job_file: str) -> JobSpec:
+    try:
+        return load_job(job_file)
+    except AugmentRayError as error:
+        _fail(error)
+        raise  # unreachable
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="augment-ray")
+def main() -> None:
+    """Augment and curate LLM fine-tuning datasets on Ray.
+
+    A job is a YAML file: input (where rows come from), output (where they go), engines (model
+    pools) and steps (what happens to each row). See jobs/ for examples.
+    """
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+def validate(job_file: str) -> None:
+    """Check JOB_FILE without running it: YAML, fields, engine references.
+
+    Exit code 0 when valid, 2 when not (with one paragraph naming the bad field).
+    """
+    job = _load(job_file)
+    click.echo(
+        f"{job_file}: valid job {job.name!r}: {len(job.steps)} step(s) "
+        f"[{', '.join(s.step_name for s in job.steps) or 'none'}], "
+        f"engines [{', '.join(job.engines) or 'none'}], output {job.output.uri} "
+        f"({job.output.mode})."
+    )
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--ray-address", default=None,
+              help="Ray cluster to run on; default: $RAY_ADDRESS, else a private local Ray.")
+@click.option("--output", "output_uri", default=None, help="Override output.uri.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (output.mode).")
+@click.option("--debug", is_flag=True, help="Show tracebacks and Ray's own logs.")
+def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrite: bool,
+        debug: bool) -> None:
+    """Run JOB_FILE: read the input, apply the steps, write output shards, rejects and a summary.
+
+    Exit code 0 on success, 1 when the run fails, 2 when the job file is invalid.
+    """
+    job = _load(job_file)
+    if output_uri or overwrite:
+        update = {"uri": output_uri or job.output.uri}
+        if overwrite:
+            update["mode"] = "overwrite"
+        job = job.model_copy(update={"output": job.output.model_copy(update=update)})
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from augment_ray.pipeline import find_user_error, run_job
+    from augment_ray.summary import format_summary
+
+    try:
+        result = run_job(job, ray_address=ray_address)
+    except AugmentRayError as error:
+        _fail(error)
+    except Exception as error:  # a failure we did not anticipate: say so in one paragraph
+        user_error = find_user_error(error)
+        if user_error is not None:
+            _fail(user_error)
+        if debug:
+            traceback.print_exc()
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        click.echo(
+            f"error: the run failed: {type(error).__name__}: {first[:500]} "
+            "(rerun with --debug for the full traceback).",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)
+    click.echo(format_summary(result))
+
+
+@main.command()
+@click.argument("output_uri")
+def summary(output_uri: str) -> None:
+    """Print the summary of the finished run at OUTPUT_URI (local path, s3:// or oss://)."""
+    from augment_ray.io.write import SUMMARY
+    from augment_ray.storage import location
+    from augment_ray.summary import format_summary
+
+    loc = location(output_uri, None).join(SUMMARY)
+    try:
+        with loc.fs.open_input_stream(loc.path) as stream:
+            payload = json.loads(stream.read())
+    except (OSError, ValueError) as error:
+        click.echo(f"error: cannot read {loc.uri} ({error}); is it a finished run?", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(format_summary(payload))
+
+
+if __name__ == "__main__":
+    main()

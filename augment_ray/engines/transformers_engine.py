@@ -1,0 +1,131 @@
+"""The embedded engine: Hugging Face transformers, batched generation, CPU or one GPU."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from augment_ray.config import SamplingParams, TransformersEngineSpec
+from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from augment_ray.engines.model_files import model_display_name, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+# end-of-turn tokens of common chat templates; PAI's native models also stop at <|endoftext|>
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
+
+
+class TransformersEngine:
+    def __init__(self, spec: TransformersEngineSpec) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.model_name = model_display_name(spec.model)
+        use_cuda = spec.num_gpus > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        if not use_cuda:
+            # Ray sets OMP_NUM_THREADS=1 in a 1-CPU actor; batched generation wants more
+            torch.set_num_threads(spec.threads or max(2, math.ceil(spec.num_cpus)))
+
+        started = time.perf_counter()
+        model_dir = resolve_model_dir(spec.model, spec.cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, spec.dtype))
+        self.model.to(self.device).eval()
+        self.load_seconds = time.perf_counter() - started
+        self.stop_ids = self._stop_token_ids()
+        log.info("Loaded %s on %s in %.2fs", self.model_name, self.device, self.load_seconds)
+
+    def _stop_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        configured = self.model.generation_config.eos_token_id
+        if configured is not None:
+            ids.update(configured if isinstance(configured, list) else [configured])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[token] for token in END_TOKENS if token in vocab)
+        return sorted(ids)
+
+    def render(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+
+    def generate(
+        self, prompts: list[Messages], sampling: SamplingParams
+    ) -> list[Completion | GenerationFailure]:
+        texts = [self.render(messages) for messages in prompts]
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        results: list[Completion | GenerationFailure | None] = [None] * len(prompts)
+        runnable = []
+        for index, ids in enumerate(token_ids):
+            if len(ids) > self.spec.max_prompt_tokens:
+                results[index] = GenerationFailure(
+                    "prompt_too_long",
+                    f"{len(ids)} prompt tokens > max_prompt_tokens {self.spec.max_prompt_tokens}",
+                )
+            else:
+                runnable.append(index)
+        # similar lengths in one batch waste less compute on padding
+        runnable.sort(key=lambda index: len(token_ids[index]))
+        size = self.spec.batch_size
+        for start in range(0, len(runnable), size):
+            chunk = runnable[start : start + size]
+            try:
+                outputs = self._generate_batch([token_ids[i] for i in chunk], sampling)
+            except RuntimeError as error:  # e.g. out of memory: reject this batch, keep going
+                log.exception("generation failed for a batch of %d prompts", len(chunk))
+                outputs = [GenerationFailure("engine_error", str(error)[:500])] * len(chunk)
+            for index, output in zip(chunk, outputs):
+                results[index] = output
+        return [result for result in results if result is not None]
+
+    def _generate_batch(
+        self, batch_ids: list[list[int]], sampling: SamplingParams
+    ) -> list[Completion]:
+        import torch
+
+        pad_id = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        kwargs: dict = {
+            "max_new_tokens": sampling.max_tokens,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": pad_id,
+        }
+        if sampling.temperature > 0:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            torch.manual_seed(sampling.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                **kwargs,
+            )
+        new_tokens = generated[:, width:].tolist()
+        stops = set(self.stop_ids)
+        completions = []
+        for ids, tokens in zip(batch_ids, new_tokens):
+            end = next((i for i, token in enumerate(tokens) if token in stops), None)
+            kept = tokens if end is None else tokens[:end]
+            completions.append(
+                Completion(
+                    text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                    prompt_tokens=len(ids),
+                    completion_tokens=len(tokens) if end is None else end + 1,
+                    finish_reason="length" if end is None else "stop",
+                )
+            )
+        return completions

@@ -1,0 +1,27 @@
+"""Errors a user can act on. The CLI prints their message as one paragraph, never a traceback."""
+
+from __future__ import annotations
+
+
+class AugmentRayError(Exception):
+    """Base for errors whose message is written for the user."""
+
+    exit_code = 1
+
+
+class JobSpecError(AugmentRayError):
+    """The job file is wrong: bad YAML, an unknown or invalid field. Exit code 2."""
+
+    exit_code = 2
+
+
+class StorageError(AugmentRayError):
+    """A path or bucket cannot be read or written (missing, no access, bad credentials)."""
+
+
+class InputDataError(AugmentRayError):
+    """The input data does not fit the job: missing column, wrong type, unreadable file."""
+
+
+class EngineError(AugmentRayError):
+    """A model cannot be found or loaded."""

@@ -1,0 +1,1 @@
+"""Reading input shards into rows and writing rows out (output, rejects, manifest)."""

@@ -1,0 +1,167 @@
+"""Rows -> output shards: kept rows to data/, rejected rows to _rejects/, then a commit.
+
+Output layout under the output URI:
+    data/part-<run>-<task>-<n>.parquet     rows that passed every step
+    _rejects/part-<run>-<task>-<n>.parquet rejected rows, with reject_step/_reason/_detail
+    _manifest.json                         files, row counts, schema of data/
+    _summary.json                          the run summary
+    _SUCCESS                               written last: the run is complete and committed
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from augment_ray.errors import StorageError
+from augment_ray.rows import ORIGIN_STEP, REJECT_COLUMNS, REJECT_REASON, REJECT_STEP
+from augment_ray.storage import Location, describe_os_error
+
+DATA_DIR = "data"
+REJECTS_DIR = "_rejects"
+MANIFEST = "_manifest.json"
+SUMMARY = "_summary.json"
+SUCCESS = "_SUCCESS"
+
+
+@dataclass
+class WriteStats:
+    """What one write task saw; summed over tasks into the run's accounting."""
+
+    files: list[str] = field(default_factory=list)
+    reject_files: list[str] = field(default_factory=list)
+    rows_out: int = 0
+    rows_rejected: int = 0
+    origin: Counter[str] = field(default_factory=Counter)  # rows created per step
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)  # (step, reason)
+    sums: Counter[str] = field(default_factory=Counter)  # token columns summed
+
+    def add(self, other: WriteStats) -> None:
+        self.files += other.files
+        self.reject_files += other.reject_files
+        self.rows_out += other.rows_out
+        self.rows_rejected += other.rows_rejected
+        self.origin.update(other.origin)
+        self.rejected.update(other.rejected)
+        self.sums.update(other.sums)
+
+
+def _count(table: pa.Table, columns: list[str]) -> Counter:
+    counts: Counter = Counter()
+    if not len(table):
+        return counts
+    grouped = table.group_by(columns).aggregate([([], "count_all")]).to_pylist()
+    for row in grouped:
+        key = tuple(row[c] for c in columns)
+        counts[key if len(key) > 1 else key[0]] += row["count_all"]
+    return counts
+
+
+def _token_sums(table: pa.Table) -> Counter[str]:
+    sums: Counter[str] = Counter()
+    for name in table.column_names:
+        if name.endswith(("_prompt_tokens", "_completion_tokens")):
+            sums[name] += int(pc.sum(table[name]).as_py() or 0)
+    return sums
+
+
+class RoutingParquetSink(Datasink[WriteStats]):
+    """Writes each block's kept and rejected rows to their own Parquet files in one pass."""
+
+    def __init__(self, output: Location, run_token: str, max_rows_per_file: int) -> None:
+        self.output = output
+        self.run_token = run_token
+        self.max_rows_per_file = max_rows_per_file
+        self.result = WriteStats()
+
+    def get_name(self) -> str:
+        return "RoutingParquet"
+
+    def _write(self, table: pa.Table, folder: str, task: int, files: list[str]) -> None:
+        fs = self.output.fs
+        base = self.output.join(folder).path
+        for start in range(0, len(table), self.max_rows_per_file):
+            name = f"part-{self.run_token}-{task:05d}-{len(files):04d}.parquet"
+            path = f"{base}/{name}"
+            try:
+                pq.write_table(
+                    table.slice(start, self.max_rows_per_file), path, filesystem=fs,
+                    compression="zstd",
+                )
+            except (OSError, pa.ArrowException) as error:
+                raise describe_os_error(self.output, "write to", error) from None
+            files.append(f"{folder}/{name}")
+
+    def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [t for t in tables if len(t)]
+        stats = WriteStats()
+        if not tables:
+            return stats
+        table = pa.concat_tables(tables, promote_options="permissive")
+        rejected_mask = pc.is_valid(table[REJECT_STEP])
+        kept = table.filter(pc.invert(rejected_mask)).drop_columns(list(REJECT_COLUMNS))
+        rejected = table.filter(rejected_mask)
+        self._write(kept, DATA_DIR, ctx.task_idx, stats.files)
+        self._write(rejected, REJECTS_DIR, ctx.task_idx, stats.reject_files)
+        stats.rows_out = len(kept)
+        stats.rows_rejected = len(rejected)
+        stats.origin = _count(table.select([ORIGIN_STEP]), [ORIGIN_STEP])
+        stats.rejected = _count(rejected.select([REJECT_STEP, REJECT_REASON]),
+                                [REJECT_STEP, REJECT_REASON])
+        stats.sums = _token_sums(table)
+        return stats
+
+    def on_write_complete(self, write_result: WriteResult[WriteStats]) -> None:
+        for stats in write_result.write_returns:
+            self.result.add(stats)
+
+
+def prepare_output(output: Location, mode: str) -> None:
+    """Apply the write mode before any work starts: refuse or clear an existing output."""
+    try:
+        info = output.file_info()
+        if info.type == pafs.FileType.File:
+            raise StorageError(f"Output {output.uri} is a file; it must be a folder or prefix.")
+        exists = info.type == pafs.FileType.Directory and bool(
+            output.fs.get_file_info(pafs.FileSelector(output.path, recursive=False))
+        )
+        if exists and mode == "error-if-exists":
+            raise StorageError(
+                f"Output {output.uri} already holds files. Choose another output.uri, or set "
+                "output.mode: overwrite (or pass --overwrite) to replace them."
+            )
+        if exists:
+            output.fs.delete_dir_contents(output.path)
+        output.fs.create_dir(output.join(DATA_DIR).path, recursive=True)
+        output.fs.create_dir(output.join(REJECTS_DIR).path, recursive=True)
+    except StorageError:
+        raise
+    except (OSError, pa.ArrowException) as error:
+        raise describe_os_error(output, "prepare output", error) from None
+
+
+def write_json(loc: Location, name: str, payload: dict) -> None:
+    data = json.dumps(payload, indent=2, sort_keys=False, default=str).encode("utf-8")
+    try:
+        with loc.fs.open_output_stream(loc.join(name).path) as stream:
+            stream.write(data)
+    except (OSError, pa.ArrowException) as error:
+        raise describe_os_error(loc, f"write {name} to", error) from None
+
+
+def commit(output: Location, manifest: dict, summary: dict) -> None:
+    """Manifest and summary first, the success marker last: readers trust only _SUCCESS."""
+    write_json(output, MANIFEST, manifest)
+    write_json(output, SUMMARY, summary)
+    write_json(output, SUCCESS, {"run_id": manifest["run_id"]})

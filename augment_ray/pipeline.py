@@ -1,0 +1,148 @@
+"""A job run: check inputs, read shards -> steps -> route rows to output/rejects -> commit."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import ray
+import ray.data
+
+from augment_ray.config import JobSpec
+from augment_ray.errors import AugmentRayError, InputDataError, JobSpecError
+from augment_ray.io.read import check_first_shard, list_input_shards, read_shards
+from augment_ray.io.write import RoutingParquetSink, commit, prepare_output
+from augment_ray.steps import Step, build_steps
+from augment_ray.storage import location
+from augment_ray.summary import build_summary, redact_uri
+
+log = logging.getLogger(__name__)
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster named by --ray-address or RAY_ADDRESS (set by `ray job submit`), or start
+    a private local one. Never attaches to a stray local cluster by accident."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
+    if address == "local":
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+
+
+def check_cpu_budget(steps: list[Step]) -> None:
+    """Actors that together hold every CPU leave none for read/write tasks: Ray waits forever."""
+    total = ray.cluster_resources().get("CPU", 0)
+    wanted = sum(step.cpu_request() for step in steps)
+    if wanted and wanted >= total:
+        raise JobSpecError(
+            f"The engines' actors ask for {wanted:g} CPUs but the cluster has {total:g}; "
+            "at least one CPU must stay free for reading and writing, or the run never "
+            "finishes. Lower engines.*.replicas or engines.*.num_cpus."
+        )
+
+
+def spec_digest(job: JobSpec) -> str:
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
+    """Run `job` to completion and return its summary. Raises AugmentRayError subclasses for
+    anything the user can fix; the output is committed (_SUCCESS) only when every row is written."""
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    run_id = new_run_id()
+
+    shards = list_input_shards(job.input)
+    check_first_shard(job.input, shards[0])
+    output = location(job.output.uri, job.output.storage)
+    steps = build_steps(job)
+    prepare_output(output, job.output.mode)
+    for step in steps:
+        step.prepare()
+
+    connect_ray(ray_address)
+    check_cpu_budget(steps)
+    log.info("Run %s: %d input files, %d steps", run_id, len(shards), len(steps))
+
+    ds = ray.data.from_items(
+        [{"path": shard.path, "format": shard.format} for shard in shards],
+        override_num_blocks=len(shards),
+    ).map_batches(read_shards, fn_kwargs={"spec": job.input}, batch_size=1,
+                  batch_format="pyarrow")
+    for step in steps:
+        ds = step.apply(ds)
+    sink = RoutingParquetSink(output, run_id, job.output.max_rows_per_file)
+    try:
+        ds.write_datasink(sink)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+    stats = sink.result
+    wall = time.perf_counter() - started
+    summary = build_summary(
+        job_name=job.name, run_id=run_id, input_uri=job.input.uri, output_uri=job.output.uri,
+        input_files=len(shards), steps=[step.describe() for step in steps], stats=stats,
+        wall_seconds=wall, started_at=started_at,
+    )
+    manifest = {
+        "run_id": run_id,
+        "job": job.name,
+        "job_digest": spec_digest(job),
+        "input": redact_uri(job.input.uri),
+        "input_files": [shard.path.rsplit("/", 1)[-1] for shard in shards],
+        "files": sorted(stats.files),
+        "reject_files": sorted(stats.reject_files),
+        "rows": stats.rows_out,
+        "rows_rejected": stats.rows_rejected,
+        "schema": _schema_of(output, stats.files),
+    }
+    if summary["rows_in"] + sum(s.get("rows_created", 0) for s in summary["steps"]) != (
+        stats.rows_out + stats.rows_rejected
+    ):
+        raise InputDataError("Row accounting does not balance; the output was not committed.")
+    commit(output, manifest, summary)
+    return summary
+
+
+def _schema_of(output, files: list[str]) -> list[dict[str, str]]:
+    if not files:
+        return []
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(output.join(files[0]).path, filesystem=output.fs)
+    return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+def find_user_error(error: BaseException) -> AugmentRayError | None:
+    """Ray wraps an exception raised in a task (RayTaskError, UserCodeException, ...); dig out the
+    AugmentRayError inside so the user sees its message, not a remote traceback."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        # Ray's wrapper classes subclass the original type too; only the original is wanted
+        if isinstance(current, AugmentRayError) and type(current).__module__.startswith(
+            "augment_ray"
+        ):
+            return current
+        for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                stack.append(linked)
+    return None

@@ -1,0 +1,143 @@
+"""URI -> pyarrow filesystem: local paths, s3:// and oss:// (S3-compatible, virtual-hosted).
+
+A `Location` pickles as its URI and options only; the filesystem, and with it any credential,
+is built where it is used (driver or Ray worker) from the environment, so no secret travels in
+task arguments, logs or manifests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from augment_ray.config import StorageOptions
+from augment_ray.errors import StorageError
+
+OSS_KEY_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")
+
+
+def _env(name: str, field_name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise StorageError(
+            f"Environment variable {name} (named by storage.{field_name}) is not set."
+        )
+    return value
+
+
+def s3_filesystem(scheme: str, options: StorageOptions) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    endpoint = options.endpoint
+    if scheme == "oss" and endpoint is None:
+        if options.region is None:
+            raise StorageError(
+                "oss:// needs storage.endpoint (e.g. oss-cn-hangzhou.aliyuncs.com) or "
+                "storage.region (e.g. cn-hangzhou)."
+            )
+        endpoint = f"oss-{options.region}.aliyuncs.com"
+    if endpoint is not None:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StorageError(f"storage.endpoint {endpoint!r} is not a host or http(s) URL.")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    if options.region is not None:
+        kwargs["region"] = options.region
+    addressing = options.addressing
+    if addressing == "auto":
+        addressing = "virtual" if scheme == "oss" else "path"
+    kwargs["force_virtual_addressing"] = addressing == "virtual"
+
+    if options.anonymous:
+        kwargs["anonymous"] = True
+    elif options.access_key_id_env or options.secret_access_key_env:
+        if not (options.access_key_id_env and options.secret_access_key_env):
+            raise StorageError(
+                "storage.access_key_id_env and storage.secret_access_key_env go together."
+            )
+        kwargs["access_key"] = _env(options.access_key_id_env, "access_key_id_env")
+        kwargs["secret_key"] = _env(options.secret_access_key_env, "secret_access_key_env")
+        if options.session_token_env:
+            kwargs["session_token"] = _env(options.session_token_env, "session_token_env")
+    elif scheme == "oss" and all(os.environ.get(name) for name in OSS_KEY_ENV):
+        kwargs["access_key"] = os.environ[OSS_KEY_ENV[0]]
+        kwargs["secret_key"] = os.environ[OSS_KEY_ENV[1]]
+    # otherwise: the AWS SDK's default chain (env vars, AWS_PROFILE, instance role)
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file named by a URI, plus how to reach it."""
+
+    uri: str
+    options: StorageOptions = field(default_factory=StorageOptions)
+
+    @property
+    def scheme(self) -> str:
+        scheme = urlparse(self.uri).scheme
+        # a Windows drive letter or a plain path has no real scheme
+        return "file" if len(scheme) <= 1 else scheme
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    @property
+    def path(self) -> str:
+        """The path inside the filesystem: an absolute local path, or bucket/key."""
+        if self.is_local:
+            raw = self.uri.removeprefix("file://")
+            return str(Path(raw).expanduser().resolve())
+        parsed = urlparse(self.uri)
+        if not parsed.netloc:
+            raise StorageError(f"{self.uri} names no bucket (expected {self.scheme}://BUCKET/...).")
+        return f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+    @cached_property
+    def fs(self) -> pafs.FileSystem:
+        if self.is_local:
+            return pafs.LocalFileSystem()
+        if self.scheme in ("s3", "oss"):
+            return s3_filesystem(self.scheme, self.options)
+        raise StorageError(
+            f"{self.uri}: unsupported scheme {self.scheme}:// (use a local path, s3:// or oss://)."
+        )
+
+    def join(self, *parts: str) -> Location:
+        base = self.uri.rstrip("/")
+        return Location("/".join([base, *parts]), self.options)
+
+    def file_info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def __getstate__(self) -> dict:
+        # never pickle the filesystem: it holds credentials
+        return {"uri": self.uri, "options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "uri", state["uri"])
+        object.__setattr__(self, "options", state["options"])
+
+
+def location(uri: str, options: StorageOptions | None) -> Location:
+    loc = Location(uri, options or StorageOptions())
+    _ = loc.path  # validate the URI early
+    return loc
+
+
+def describe_os_error(loc: Location, action: str, error: Exception) -> StorageError:
+    """Turn a pyarrow/OS error into one sentence naming the URI; drops nothing the user needs."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = ""
+    lowered = text.lower()
+    if "access denied" in lowered or "403" in lowered or "invalidaccesskeyid" in lowered:
+        hint = " Check the credentials (env vars named in storage.*_env, or the AWS chain)."
+    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        hint = " The bucket does not exist."
+    return StorageError(f"Cannot {action} {loc.uri}: {text}.{hint}")

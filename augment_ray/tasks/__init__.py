@@ -1,0 +1,1 @@
+"""LLM tasks: `prompt(row) -> messages` and `parse(row, text) -> columns`, nothing else."""

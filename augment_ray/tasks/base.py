@@ -1,0 +1,83 @@
+"""The task contract and the helpers every task shares (templates, language, tag parsing)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Protocol
+
+Messages = list[dict[str, str]]
+Row = dict[str, Any]
+
+
+class ParseFailure(Exception):
+    """The model's answer cannot be used; the row is rejected with `reason`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class LLMTask(Protocol):
+    template_version: str
+    output_column: str
+
+    def prompt(self, row: Row) -> Messages: ...
+
+    def parse(self, row: Row, text: str) -> str:
+        """The value of `output_column`, or raise ParseFailure."""
+        ...
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str  # e.g. refine.v1.en
+    text: str
+
+    def render(self, **values: str) -> str:
+        return self.text.format(**values)
+
+
+@cache
+def load_template(task: str, version: str, language: str) -> Template:
+    name = f"{task}.{version}.{language}"
+    text = resources.files("augment_ray.tasks").joinpath("templates", f"{name}.txt").read_text(
+        encoding="utf-8"
+    )
+    return Template(name=name, text=text.strip())
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+def detect_language(text: str) -> str:
+    """'zh' when most letters are CJK ideographs, else 'en'. Enough to pick a prompt template."""
+    letters = len(_LETTER.findall(text))
+    if letters == 0:
+        return "en"
+    return "zh" if len(_CJK.findall(text)) / letters > 0.3 else "en"
+
+
+def extract_tagged(text: str, tag: str) -> str | None:
+    """The text inside <tag>...</tag>; an unclosed tag runs to the end (output cut by max_tokens)."""
+    match = re.search(rf"<{tag}>(.*?)(?:</{tag}>|$)", text, flags=re.DOTALL | re.IGNORECASE)
+    return match.group(1).strip() if match else None
+
+
+_LEADING_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:refined|rewritten|improved|new|revised)?\s*(?:instruction|prompt|question)"
+    r"\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?",
+    flags=re.IGNORECASE,
+)
+
+
+def clean_answer(text: str) -> str:
+    """Strip a leading 'Refined instruction:' style label and wrapping quotes."""
+    text = _LEADING_LABEL.sub("", text.strip(), count=1).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        text = text[1:-1].strip()
+    return text

@@ -1,0 +1,52 @@
+"""Instruction refinement (PAI Instruct-Refine): make an instruction more specific and helpful."""
+
+from __future__ import annotations
+
+import re
+
+from augment_ray.tasks.base import (
+    Messages,
+    ParseFailure,
+    Row,
+    clean_answer,
+    detect_language,
+    extract_tagged,
+    load_template,
+)
+
+# alibaba-pai/Qwen2-1.5B-Instruct-Refine, alibaba-pai/Qwen2-7B-Instruct-Refine, local copies
+NATIVE_REFINE_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-refine", re.IGNORECASE)
+
+
+def is_native_refine_model(model: str) -> bool:
+    return bool(NATIVE_REFINE_MODEL.search(model))
+
+
+class RefineTask:
+    TAG = "refined"
+
+    def __init__(self, native: bool, output_column: str) -> None:
+        self.native = native
+        self.output_column = output_column
+        self.template_version = "native" if native else "refine.v1"
+
+    def prompt(self, row: Row) -> Messages:
+        instruction = row["instruction"]
+        if self.native:
+            # the native models were trained on the raw instruction as the only user message
+            return [{"role": "user", "content": instruction}]
+        template = load_template("refine", "v1", detect_language(instruction))
+        context = row.get("input") or ""
+        if context:
+            instruction = f"{instruction}\n\n{context}"
+        return [{"role": "user", "content": template.render(instruction=instruction)}]
+
+    def parse(self, row: Row, text: str) -> str:
+        if self.native:
+            answer = text.strip()
+        else:
+            tagged = extract_tagged(text, self.TAG)
+            answer = clean_answer(tagged if tagged is not None else text)
+        if not answer:
+            raise ParseFailure("empty_output", text[:500])
+        return answer
