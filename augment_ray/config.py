@@ -60,7 +60,9 @@ class ColumnMap(Spec):
     output: str | None = Field(
         "output", description="optional response; used when the column exists"
     )
-    id: str | None = Field(None, description="a stable row id; content-derived when absent")
+    id: str | None = Field(
+        "id", description="a stable row id, used when the column exists; else content-derived"
+    )
 
 
 class InputSpec(Spec):

@@ -140,7 +140,7 @@ class ShardNormalizer:
                     f"input.columns). Its columns are: {', '.join(schema.names)}."
                 )
         id_column = self.spec.columns.id
-        if id_column is not None and id_column not in names:
+        if id_column is not None and id_column not in names and "id" in self.explicit:
             raise InputDataError(
                 f"Input {where} has no column {id_column!r} (input.columns.id). "
                 f"Its columns are: {', '.join(schema.names)}."
@@ -164,6 +164,8 @@ class ShardNormalizer:
                 texts[canonical] = pa.chunked_array([pa.nulls(len(table), pa.string())])
         consumed = {s for s in self.mapping.values() if s in table.column_names}
         id_source = self.spec.columns.id
+        if id_source not in table.column_names:
+            id_source = None
         generated = content_ids([texts[c].to_pylist() for c in CANONICAL_TEXT], seen)
         if id_source is not None:
             given = table[id_source].cast(pa.string()).to_pylist()
