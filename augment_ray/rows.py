@@ -41,7 +41,7 @@ def content_id(values: Sequence[str | None], occurrence: int = 0) -> str:
 def content_ids(columns: Sequence[Sequence[str | None]], seen: Counter[str]) -> list[str]:
     """Ids for a batch of rows; `seen` carries repeat counts across batches of one shard."""
     ids = []
-    for values in zip(*columns):
+    for values in zip(*columns, strict=False):
         key = content_id(values)
         occurrence = seen[key]
         seen[key] += 1

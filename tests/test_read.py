@@ -64,7 +64,7 @@ def test_missing_and_too_long_rows_are_rejected_with_reasons():
 
 
 def test_missing_mapped_column_is_a_clear_error():
-    with pytest.raises(InputDataError, match="has no column 'question' .*mapped to instruction"):
+    with pytest.raises(InputDataError, match=r"has no column 'question' .*mapped to instruction"):
         normalize(pa.table({"prompt": ["a"]}), columns={"instruction": "question"})
 
 
@@ -75,7 +75,7 @@ def test_explicit_output_mapping_must_exist_but_default_may_be_absent():
 
 
 def test_wrong_type_is_a_clear_error():
-    with pytest.raises(InputDataError, match="'instruction' in f.parquet has type int64"):
+    with pytest.raises(InputDataError, match=r"'instruction' in f\.parquet has type int64"):
         normalize(pa.table({"instruction": [1, 2]}))
 
 
@@ -107,12 +107,12 @@ def test_jsonl_and_broken_files(tmp_path):
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "hi"}\n{not json\n')
-    with pytest.raises(InputDataError, match="Cannot read input file .*broken.jsonl as jsonl"):
+    with pytest.raises(InputDataError, match=r"Cannot read input file .*broken.jsonl as jsonl"):
         check_first_shard(InputSpec(uri=str(broken)), InputShard(str(broken), "jsonl"))
 
     fake = tmp_path / "fake.parquet"
     fake.write_bytes(b"not parquet at all")
-    with pytest.raises(InputDataError, match="fake.parquet as parquet"):
+    with pytest.raises(InputDataError, match=r"fake\.parquet as parquet"):
         check_first_shard(InputSpec(uri=str(fake)), InputShard(str(fake), "parquet"))
 
 

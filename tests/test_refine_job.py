@@ -105,7 +105,8 @@ def test_example_job_refines_every_row_with_lineage(local_ray, tmp_path):
 
     # the default write mode refuses to touch a finished output
     job = example_job(source, out, max_tokens=12)
-    job = job.model_copy(update={"output": job.output.model_copy(update={"mode": "error-if-exists"})})
+    refuse = job.output.model_copy(update={"mode": "error-if-exists"})
+    job = job.model_copy(update={"output": refuse})
     with pytest.raises(StorageError, match="already holds files"):
         run_job(job)
 

@@ -35,7 +35,8 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, spec.dtype))
+        dtype = getattr(torch, spec.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model.to(self.device).eval()
         self.load_seconds = time.perf_counter() - started
         self.stop_ids = self._stop_token_ids()
@@ -82,7 +83,7 @@ class TransformersEngine:
             except RuntimeError as error:  # e.g. out of memory: reject this batch, keep going
                 log.exception("generation failed for a batch of %d prompts", len(chunk))
                 outputs = [GenerationFailure("engine_error", str(error)[:500])] * len(chunk)
-            for index, output in zip(chunk, outputs):
+            for index, output in zip(chunk, outputs, strict=False):
                 results[index] = output
         return [result for result in results if result is not None]
 
@@ -117,7 +118,7 @@ class TransformersEngine:
         new_tokens = generated[:, width:].tolist()
         stops = set(self.stop_ids)
         completions = []
-        for ids, tokens in zip(batch_ids, new_tokens):
+        for ids, tokens in zip(batch_ids, new_tokens, strict=False):
             end = next((i for i, token in enumerate(tokens) if token in stops), None)
             kept = tokens if end is None else tokens[:end]
             completions.append(

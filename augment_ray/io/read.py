@@ -170,7 +170,7 @@ class ShardNormalizer:
         if id_source is not None:
             given = table[id_source].cast(pa.string()).to_pylist()
             consumed.add(id_source)
-            ids = [g if g not in (None, "") else c for g, c in zip(given, generated)]
+            ids = [g if g not in (None, "") else c for g, c in zip(given, generated, strict=False)]
         else:
             ids = generated
         rest = table.drop_columns(sorted(consumed))
@@ -186,7 +186,7 @@ class ShardNormalizer:
         reasons: list[str | None] = []
         details: list[str | None] = []
         for is_missing, is_long, length in zip(
-            missing.to_pylist(), too_long.to_pylist(), lengths.to_pylist()
+            missing.to_pylist(), too_long.to_pylist(), lengths.to_pylist(), strict=False
         ):
             if is_missing:
                 reasons.append("missing_instruction")
@@ -216,7 +216,7 @@ def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
     """Ray Data UDF: a batch of shard paths in, normalized row tables out."""
     loc = location(spec.uri, spec.storage)
     normalizer = ShardNormalizer(spec)
-    for path, fmt in zip(batch["path"].to_pylist(), batch["format"].to_pylist()):
+    for path, fmt in zip(batch["path"].to_pylist(), batch["format"].to_pylist(), strict=False):
         seen: Counter[str] = Counter()
         where = _display(loc, path)
         for table in read_shard_batches(loc, InputShard(path, fmt)):

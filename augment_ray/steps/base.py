@@ -18,7 +18,7 @@ class Step(ABC):
     @abstractmethod
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook, most steps need nothing here
         """Driver-side checks and one-time work before the run starts (e.g. find the model)."""
 
     def cpu_request(self) -> float:

@@ -54,7 +54,7 @@ class LLMTaskRunner:
         details: list[str | None] = [None] * n
 
         prompts, prompted = [], []
-        for index, row in zip(indices, rows):
+        for index, row in zip(indices, rows, strict=False):
             try:
                 prompts.append(self.task.prompt(row))
                 prompted.append((index, row))
@@ -62,7 +62,7 @@ class LLMTaskRunner:
                 failed[index], reasons[index], details[index] = True, failure.reason, failure.detail
         results = self.engine.generate(prompts, self.sampling) if prompts else []
 
-        for (index, row), result in zip(prompted, results):
+        for (index, row), result in zip(prompted, results, strict=False):
             if isinstance(result, GenerationFailure):
                 failed[index], reasons[index], details[index] = True, result.reason, result.detail
                 continue

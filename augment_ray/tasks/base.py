@@ -63,14 +63,14 @@ def detect_language(text: str) -> str:
 
 
 def extract_tagged(text: str, tag: str) -> str | None:
-    """The text inside <tag>...</tag>; an unclosed tag runs to the end (output cut by max_tokens)."""
+    """The text inside <tag>...</tag>; an unclosed tag runs to the end (cut by max_tokens)."""
     match = re.search(rf"<{tag}>(.*?)(?:</{tag}>|$)", text, flags=re.DOTALL | re.IGNORECASE)
     return match.group(1).strip() if match else None
 
 
 _LEADING_LABEL = re.compile(
     r"^\s*(?:\*\*)?(?:refined|rewritten|improved|new|revised)?\s*(?:instruction|prompt|question)"
-    r"\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?",
+    r"\s*(?:\*\*)?\s*[:\uff1a]\s*(?:\*\*)?",
     flags=re.IGNORECASE,
 )
 

