@@ -8,6 +8,7 @@ task arguments, logs or manifests.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -134,10 +135,15 @@ def location(uri: str, options: StorageOptions | None) -> Location:
 def describe_os_error(loc: Location, action: str, error: Exception) -> StorageError:
     """Turn a pyarrow/OS error into one sentence naming the URI; drops nothing the user needs."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.rstrip(".")
+    # pyarrow spells AWS error codes ACCESS_DENIED, INVALID_ACCESS_KEY_ID, ...
+    squashed = re.sub(r"[\s_]", "", text.lower())
     hint = ""
-    lowered = text.lower()
-    if "access denied" in lowered or "403" in lowered or "invalidaccesskeyid" in lowered:
+    if any(code in squashed for code in
+           ("accessdenied", "403", "invalidaccesskeyid", "signaturedoesnotmatch")):
         hint = " Check the credentials (env vars named in storage.*_env, or the AWS chain)."
-    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+    elif "nosuchbucket" in squashed or "bucketdoesnotexist" in squashed or (
+        "bucket" in squashed and "notfound" in squashed
+    ):
         hint = " The bucket does not exist."
     return StorageError(f"Cannot {action} {loc.uri}: {text}.{hint}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -14,6 +16,8 @@ from augment_ray.engines.model_files import model_display_name, resolve_model_di
 from augment_ray.rows import live_mask, reject, set_column
 from augment_ray.steps.base import Step
 from augment_ray.tasks.base import LLMTask, ParseFailure
+
+log = logging.getLogger(__name__)
 
 
 def lineage_columns(step: str) -> dict[str, pa.DataType]:
@@ -60,7 +64,12 @@ class LLMTaskRunner:
                 prompted.append((index, row))
             except ParseFailure as failure:  # the row cannot be turned into a prompt
                 failed[index], reasons[index], details[index] = True, failure.reason, failure.detail
+        started = time.perf_counter()
         results = self.engine.generate(prompts, self.sampling) if prompts else []
+        seconds = time.perf_counter() - started
+        tokens = sum(getattr(result, "completion_tokens", 0) for result in results)
+        log.info("%s: %d rows, %d tokens in %.1fs (%.1f tok/s)", self.step, len(prompts),
+                 tokens, seconds, tokens / seconds if seconds else 0.0)
 
         for (index, row), result in zip(prompted, results, strict=False):
             if isinstance(result, GenerationFailure):
