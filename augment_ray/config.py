@@ -111,7 +111,11 @@ class TransformersEngineSpec(Spec):
         "a local model folder, or a .gguf file",
     )
     replicas: int = Field(1, gt=0, description="actors in the pool, each with its own model copy")
-    batch_size: int = Field(16, gt=0, description="prompts generated together in one batch")
+    batch_size: int = Field(16, gt=0, description="most prompts generated together in one batch")
+    max_batch_tokens: int = Field(
+        8192, gt=0,
+        description="most padded prompt tokens in one batch: long prompts go in smaller batches",
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each actor")
     num_gpus: float = Field(0.0, ge=0)
     threads: int | None = Field(

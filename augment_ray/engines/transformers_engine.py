@@ -73,11 +73,7 @@ class TransformersEngine:
                 )
             else:
                 runnable.append(index)
-        # similar lengths in one batch waste less compute on padding
-        runnable.sort(key=lambda index: len(token_ids[index]))
-        size = self.spec.batch_size
-        for start in range(0, len(runnable), size):
-            chunk = runnable[start : start + size]
+        for chunk in self._batches(runnable, [len(ids) for ids in token_ids]):
             try:
                 outputs = self._generate_batch([token_ids[i] for i in chunk], sampling)
             except RuntimeError as error:  # e.g. out of memory: reject this batch, keep going
@@ -86,6 +82,24 @@ class TransformersEngine:
             for index, output in zip(chunk, outputs, strict=False):
                 results[index] = output
         return [result for result in results if result is not None]
+
+    def _batches(self, indices: list[int], lengths: list[int]) -> list[list[int]]:
+        """Length-sorted batches of at most batch_size prompts and max_batch_tokens padded
+        prompt tokens: one long prompt must not pad a whole batch to its length."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for index in sorted(indices, key=lambda i: lengths[i]):
+            width = lengths[index]  # sorted: the newest prompt is the longest in the batch
+            if current and (
+                len(current) >= self.spec.batch_size
+                or (len(current) + 1) * width > self.spec.max_batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            batches.append(current)
+        return batches
 
     def _generate_batch(
         self, batch_ids: list[list[int]], sampling: SamplingParams

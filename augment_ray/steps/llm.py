@@ -18,6 +18,7 @@ from augment_ray.steps.base import Step
 from augment_ray.tasks.base import LLMTask, ParseFailure
 
 log = logging.getLogger(__name__)
+ROWS_PER_CALL_FACTOR = 4
 
 
 def lineage_columns(step: str) -> dict[str, pa.DataType]:
@@ -32,6 +33,17 @@ def lineage_columns(step: str) -> dict[str, pa.DataType]:
     }
 
 
+def _log_to_driver() -> None:
+    """Ray forwards a worker's stderr to the driver (and to `ray job logs`); send our INFO
+    lines there so long runs show per-batch progress."""
+    logger = logging.getLogger("augment_ray")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 class LLMTaskRunner:
     """Ray Data actor UDF: loads the engine once, then answers one batch of rows per call."""
 
@@ -39,6 +51,7 @@ class LLMTaskRunner:
         self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
         sampling: SamplingParams,
     ) -> None:
+        _log_to_driver()
         self.step = step
         self.engine_name = engine_name
         self.task = task
@@ -120,7 +133,8 @@ class LLMStep(Step):
                 "sampling": self.sampling,
             },
             batch_format="pyarrow",
-            batch_size=spec.batch_size,
+            # several engine batches per call, so length-sorting has rows to group
+            batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
             compute=ray.data.ActorPoolStrategy(size=spec.replicas),
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus or None,
