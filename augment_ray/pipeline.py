@@ -48,6 +48,19 @@ def check_cpu_budget(steps: list[Step]) -> None:
         )
 
 
+def check_column_clashes(steps: list[Step], input_columns: set[str]) -> None:
+    """A step must never overwrite an input column or another step's column."""
+    taken = {name: "the input" for name in input_columns}
+    for step in steps:
+        for name in step.output_columns():
+            if name in taken:
+                raise JobSpecError(
+                    f"Step {step.name!r} writes column {name!r}, which {taken[name]} already "
+                    "has; give the step another `name` or `output_column`."
+                )
+            taken[name] = f"step {step.name!r}"
+
+
 def spec_digest(job: JobSpec) -> str:
     return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
 
@@ -65,9 +78,10 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     run_id = new_run_id()
 
     shards = list_input_shards(job.input)
-    check_first_shard(job.input, shards[0])
+    columns = set(check_first_shard(job.input, shards[0]))
     output = location(job.output.uri, job.output.storage)
     steps = build_steps(job)
+    check_column_clashes(steps, columns)
     prepare_output(output, job.output.mode)
     for step in steps:
         step.prepare()

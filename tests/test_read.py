@@ -125,3 +125,20 @@ def test_read_shards_carries_repeat_counts_across_batches(tmp_path, monkeypatch)
     assert len(tables) == 3
     ids = pa.concat_tables(tables)["id"].to_pylist()
     assert len(set(ids)) == 5
+
+
+def test_step_output_column_may_not_overwrite_an_input_column(tmp_path):
+    from augment_ray.config import parse_job
+    from augment_ray.errors import JobSpecError
+    from augment_ray.pipeline import check_column_clashes
+    from augment_ray.steps import build_steps
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"instruction": ["a"], "refined_instruction": ["mine"]}), path)
+    job = parse_job({
+        "input": {"uri": str(path)}, "output": {"uri": str(tmp_path / "out")},
+        "engines": {"e": {}}, "steps": [{"kind": "refine", "engine": "e"}],
+    })
+    columns = set(check_first_shard(job.input, list_input_shards(job.input)[0]))
+    with pytest.raises(JobSpecError, match="writes column 'refined_instruction', which the input"):
+        check_column_clashes(build_steps(job), columns)

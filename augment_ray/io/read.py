@@ -224,10 +224,12 @@ def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
                 yield normalizer.normalize(table, where, seen)
 
 
-def check_first_shard(spec: InputSpec, shard: InputShard) -> None:
-    """Fail before any model loads when the input's columns do not fit the job."""
+def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:
+    """Fail before any model loads when the input's columns do not fit the job; returns the
+    row columns after normalizing (empty for an empty shard)."""
     loc = location(spec.uri, spec.storage)
     normalizer = ShardNormalizer(spec)
     for table in read_shard_batches(loc, shard):
-        normalizer.normalize(table.slice(0, 1), _display(loc, shard.path), Counter())
-        return
+        return normalizer.normalize(table.slice(0, 1), _display(loc, shard.path),
+                                    Counter()).column_names
+    return []

@@ -21,6 +21,10 @@ class Step(ABC):
     def prepare(self) -> None:  # noqa: B027 - optional hook, most steps need nothing here
         """Driver-side checks and one-time work before the run starts (e.g. find the model)."""
 
+    def output_columns(self) -> list[str]:
+        """Columns this step adds to rows."""
+        return []
+
     def cpu_request(self) -> float:
         """CPUs this step's actors hold for the whole run (0 for plain tasks)."""
         return 0.0

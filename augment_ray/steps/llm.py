@@ -144,6 +144,9 @@ class LLMStep(Step):
         # fails fast with a clear message, and converts a GGUF once instead of in every actor
         resolve_model_dir(self.engine_spec.model, self.engine_spec.cache_dir)
 
+    def output_columns(self) -> list[str]:
+        return [self.task.output_column, *lineage_columns(self.name)]
+
     def cpu_request(self) -> float:
         return self.engine_spec.replicas * self.engine_spec.num_cpus
 
