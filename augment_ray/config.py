@@ -151,21 +151,55 @@ class StepSpec(Spec):
 class LLMStepSpec(StepSpec):
     engine: str = Field(description="name of an entry in `engines`")
     sampling: SamplingOverrides | None = None
+    max_retries: int = Field(
+        2, ge=0, le=10, description="new tries (with a new seed) for an unparsable answer"
+    )
+    reject_truncated: bool = Field(
+        False, description="reject answers cut off by max_tokens instead of keeping them"
+    )
 
 
-class RefineStepSpec(LLMStepSpec):
+class PAIStepSpec(LLMStepSpec):
+    """A step with a published PAI augmentation model, driven natively or by our templates."""
+
+    mode: Literal["auto", "native", "prompted"] = Field(
+        "auto",
+        description="native: the raw text is the only user message (the PAI models' format); "
+        "prompted: the project's versioned template; auto: native when the model is a PAI one",
+    )
+
+
+class RefineStepSpec(PAIStepSpec):
     """Instruction refinement: rewrite each instruction so a model answers it more helpfully."""
 
     kind: Literal["refine"]
-    mode: Literal["auto", "native", "prompted"] = Field(
-        "auto",
-        description="native: the raw instruction is the prompt (PAI *-Instruct-Refine models); "
-        "prompted: the project's template; auto: native when the model is a PAI refine model",
-    )
     output_column: str = "refined_instruction"
 
 
-AnyStepSpec = Annotated[RefineStepSpec, Field(discriminator="kind")]
+class ExpandStepSpec(PAIStepSpec):
+    """Instruction expansion: n new instructions of the same task type per seed row."""
+
+    kind: Literal["expand"]
+    n: int = Field(1, gt=0, le=64, description="new instructions per seed (one per generation)")
+    keep_seeds: bool = Field(
+        True, description="false: seed rows go to _rejects (reason seed_not_kept)"
+    )
+
+
+class RespondStepSpec(LLMStepSpec):
+    """Writes the response to each instruction with a teacher engine (distillation). The row's
+    existing response, if any, is kept in `<name>_previous_output`."""
+
+    kind: Literal["respond"]
+    instruction_column: str = Field(
+        "instruction", description="e.g. refined_instruction after a refine step"
+    )
+    reject_truncated: bool = True
+
+
+AnyStepSpec = Annotated[
+    RefineStepSpec | ExpandStepSpec | RespondStepSpec, Field(discriminator="kind")
+]
 
 
 class JobSpec(Spec):
@@ -221,7 +255,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source} is not a valid job: " + "; ".join(problems) + "."
 
 
-_STEP_KINDS = {"refine"}
+_STEP_KINDS = {"refine", "expand", "respond"}
 
 
 def parse_job(data: Any, source: str = "job") -> JobSpec:

@@ -37,7 +37,7 @@ def test_prompted_mode_uses_versioned_template_in_the_input_language():
     ],
 )
 def test_parse_prompted(text, expected):
-    assert RefineTask(native=False, output_column="r").parse(ROW, text) == expected
+    assert RefineTask(native=False, output_column="r").parse(ROW, text) == {"r": expected}
 
 
 @pytest.mark.parametrize("text", ["", "   ", "<refined></refined>", "Refined instruction:"])

@@ -1,28 +1,49 @@
-"""Runs an LLM task over rows in a Ray actor pool: one engine (model copy) per actor."""
+"""Runs an LLM task over rows in a Ray actor pool: one engine (model copy) per actor.
+
+Two shapes of task: an annotating task (refine, respond) fills columns of the row it was given;
+a generating task (expand) turns each of its prompts into a new row that links to its seed.
+Answers that cannot be parsed are generated again (up to `max_retries`, sampling with a new
+seed); what still fails is rejected with the raw text, never dropped.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import ray.data
 
 from augment_ray.config import EngineSpec, SamplingParams
-from augment_ray.engines import GenerationFailure, build_engine
+from augment_ray.engines import Completion, GenerationFailure, build_engine
 from augment_ray.engines.model_files import model_display_name, resolve_model_dir
-from augment_ray.rows import live_mask, reject, set_column
+from augment_ray.rows import (
+    CANONICAL_TEXT,
+    ID,
+    ORIGIN_STEP,
+    REJECT_DETAIL,
+    REJECT_REASON,
+    REJECT_STEP,
+    SOURCE_ID,
+    derived_id,
+    live_mask,
+    reject,
+    set_column,
+)
 from augment_ray.steps.base import Step
-from augment_ray.tasks.base import LLMTask, ParseFailure
+from augment_ray.tasks.base import LLMTask, Messages, ParseFailure
 
 log = logging.getLogger(__name__)
 ROWS_PER_CALL_FACTOR = 4
+# a greedy retry would repeat the same answer: retries sample at least this warm
+RETRY_MIN_TEMPERATURE = 0.7
 
 
-def lineage_columns(step: str) -> dict[str, pa.DataType]:
-    return {
+def lineage_columns(step: str, generates_rows: bool = False) -> dict[str, pa.DataType]:
+    columns = {
         f"{step}_engine": pa.string(),
         f"{step}_model": pa.string(),
         f"{step}_template": pa.string(),
@@ -30,7 +51,33 @@ def lineage_columns(step: str) -> dict[str, pa.DataType]:
         f"{step}_prompt_tokens": pa.int32(),
         f"{step}_completion_tokens": pa.int32(),
         f"{step}_finish_reason": pa.string(),
+        f"{step}_attempts": pa.int32(),
     }
+    if generates_rows:
+        columns[f"{step}_parent_id"] = pa.string()
+    return columns
+
+
+@dataclass
+class RunOptions:
+    """Per-step behaviour of the runner, besides the task itself."""
+
+    max_retries: int = 2
+    reject_truncated: bool = False
+    keep_seeds: bool = True
+
+
+@dataclass
+class Generation:
+    """One prompt of one row, and what became of it."""
+
+    row: int
+    index: int  # k-th prompt of the row (expand asks n times)
+    messages: Messages
+    attempts: int = 0
+    completion: Completion | None = None
+    values: dict[str, str] | None = None
+    failure: tuple[str, str] | None = None
 
 
 def _log_to_driver() -> None:
@@ -49,70 +96,157 @@ class LLMTaskRunner:
 
     def __init__(
         self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
-        sampling: SamplingParams,
+        sampling: SamplingParams, options: RunOptions,
     ) -> None:
         _log_to_driver()
         self.step = step
         self.engine_name = engine_name
         self.task = task
         self.sampling = sampling
+        self.options = options
         self.engine = build_engine(engine_spec)
-        self.sampling_json = json.dumps(sampling.model_dump(), sort_keys=True)
+
+    def _sampling(self, attempt: int) -> SamplingParams:
+        if attempt == 0:
+            return self.sampling
+        return self.sampling.model_copy(update={
+            "seed": self.sampling.seed + attempt,
+            "temperature": max(self.sampling.temperature, RETRY_MIN_TEMPERATURE),
+        })
+
+    def _generate(self, rows: dict[int, dict], generations: list[Generation]) -> None:
+        pending = generations
+        for attempt in range(self.options.max_retries + 1):
+            if not pending:
+                break
+            results = self.engine.generate([g.messages for g in pending], self._sampling(attempt))
+            retry = []
+            for generation, result in zip(pending, results, strict=True):
+                generation.attempts = attempt + 1
+                if isinstance(result, GenerationFailure):
+                    generation.failure = (result.reason, result.detail)
+                    continue
+                generation.completion = result
+                if result.finish_reason == "length" and self.options.reject_truncated:
+                    generation.failure = ("truncated", result.text[:500])
+                    continue
+                try:
+                    generation.values = self.task.parse(rows[generation.row], result.text)
+                    generation.failure = None
+                except ParseFailure as failure:
+                    generation.failure = (failure.reason, failure.detail or result.text[:500])
+                    retry.append(generation)
+            pending = retry
+
+    def _lineage(self, generation: Generation) -> dict[str, Any]:
+        completion = generation.completion
+        return {
+            f"{self.step}_engine": self.engine_name,
+            f"{self.step}_model": self.engine.model_name,
+            f"{self.step}_template": self.task.template_version,
+            f"{self.step}_sampling": json.dumps(
+                self._sampling(generation.attempts - 1).model_dump(), sort_keys=True),
+            f"{self.step}_prompt_tokens": completion.prompt_tokens if completion else None,
+            f"{self.step}_completion_tokens": completion.completion_tokens if completion else None,
+            f"{self.step}_finish_reason": completion.finish_reason if completion else None,
+            f"{self.step}_attempts": generation.attempts,
+        }
 
     def __call__(self, table: pa.Table) -> pa.Table:
         live = live_mask(table).to_pylist()
         indices = [i for i, alive in enumerate(live) if alive]
-        rows = table.take(indices).to_pylist() if indices else []
-        n = len(table)
-        values: dict[str, list[Any]] = {name: [None] * n for name in lineage_columns(self.step)}
-        output: list[str | None] = [None] * n
-        failed = [False] * n
-        reasons: list[str | None] = [None] * n
-        details: list[str | None] = [None] * n
-
-        prompts, prompted = [], []
-        for index, row in zip(indices, rows, strict=False):
+        rows = dict(zip(indices, table.take(indices).to_pylist(), strict=True)) if indices else {}
+        generations: list[Generation] = []
+        unpromptable: dict[int, tuple[str, str]] = {}
+        for index, row in rows.items():
             try:
-                prompts.append(self.task.prompt(row))
-                prompted.append((index, row))
+                prompts = self.task.prompts(row)
             except ParseFailure as failure:  # the row cannot be turned into a prompt
-                failed[index], reasons[index], details[index] = True, failure.reason, failure.detail
-        started = time.perf_counter()
-        results = self.engine.generate(prompts, self.sampling) if prompts else []
-        seconds = time.perf_counter() - started
-        tokens = sum(getattr(result, "completion_tokens", 0) for result in results)
-        log.info("%s: %d rows, %d tokens in %.1fs (%.1f tok/s)", self.step, len(prompts),
-                 tokens, seconds, tokens / seconds if seconds else 0.0)
-
-        for (index, row), result in zip(prompted, results, strict=False):
-            if isinstance(result, GenerationFailure):
-                failed[index], reasons[index], details[index] = True, result.reason, result.detail
+                unpromptable[index] = (failure.reason, failure.detail)
                 continue
-            values[f"{self.step}_engine"][index] = self.engine_name
-            values[f"{self.step}_model"][index] = self.engine.model_name
-            values[f"{self.step}_template"][index] = self.task.template_version
-            values[f"{self.step}_sampling"][index] = self.sampling_json
-            values[f"{self.step}_prompt_tokens"][index] = result.prompt_tokens
-            values[f"{self.step}_completion_tokens"][index] = result.completion_tokens
-            values[f"{self.step}_finish_reason"][index] = result.finish_reason
-            try:
-                output[index] = self.task.parse(row, result.text)
-            except ParseFailure as failure:
-                failed[index], reasons[index] = True, failure.reason
-                details[index] = failure.detail or result.text[:500]
+            generations += [Generation(index, k, m) for k, m in enumerate(prompts)]
 
-        table = set_column(table, self.task.output_column, pa.array(output, pa.string()))
-        for name, kind in lineage_columns(self.step).items():
-            table = set_column(table, name, pa.array(values[name], kind))
-        if any(failed):
-            table = reject(table, pa.array(failed), self.step, reasons, details)
-        return table
+        started = time.perf_counter()
+        self._generate(rows, generations)
+        seconds = time.perf_counter() - started
+        tokens = sum(g.completion.completion_tokens for g in generations if g.completion)
+        log.info("%s: %d rows, %d generations, %d tokens in %.1fs (%.1f tok/s)", self.step,
+                 len(rows), len(generations), tokens, seconds, tokens / seconds if seconds else 0)
+        if self.task.generates_rows:
+            return self._with_new_rows(table, rows, generations, unpromptable)
+        return self._annotated(table, generations, unpromptable)
+
+    def _annotated(self, table: pa.Table, generations: list[Generation],
+                   unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
+        n = len(table)
+        # rows the step did not answer keep what they had (a response it did not replace)
+        columns: dict[str, list[Any]] = {
+            name: table[name].to_pylist() if name in table.column_names else [None] * n
+            for name in [*self.task.output_columns, *lineage_columns(self.step)]
+        }
+        failures = dict(unpromptable)
+        for generation in generations:
+            for name, value in self._lineage(generation).items():
+                columns[name][generation.row] = value
+            if generation.failure:
+                failures[generation.row] = generation.failure
+            else:
+                for name, value in (generation.values or {}).items():
+                    columns[name][generation.row] = value
+        kinds = {**dict.fromkeys(self.task.output_columns, pa.string()),
+                 **lineage_columns(self.step)}
+        for name, values in columns.items():
+            table = set_column(table, name, pa.array(values, kinds[name]))
+        return self._reject_rows(table, failures)
+
+    def _reject_rows(self, table: pa.Table, failures: dict[int, tuple[str, str]]) -> pa.Table:
+        if not failures:
+            return table
+        n = len(table)
+        mask = [i in failures for i in range(n)]
+        reasons = [failures[i][0] if i in failures else None for i in range(n)]
+        details = [failures[i][1] if i in failures else None for i in range(n)]
+        return reject(table, pa.array(mask), self.step, reasons, details)
+
+    def _with_new_rows(self, table: pa.Table, rows: dict[int, dict],
+                       generations: list[Generation],
+                       unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
+        new_kinds = {**dict.fromkeys(self.task.output_columns, pa.string()),
+                     **lineage_columns(self.step, generates_rows=True)}
+        for name, kind in new_kinds.items():
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), kind))
+        failures = dict(unpromptable)
+        if not self.options.keep_seeds:
+            failures.update({i: ("seed_not_kept", "") for i in rows if i not in failures})
+        seeds = self._reject_rows(table, failures)
+
+        blank = dict.fromkeys(table.column_names)
+        created = []
+        for generation in generations:
+            seed = rows[generation.row]
+            row = {
+                **blank,
+                **self._lineage(generation),
+                **(generation.values or {}),
+                ID: derived_id(seed[ID], self.step, generation.index),
+                SOURCE_ID: seed[SOURCE_ID],
+                ORIGIN_STEP: self.step,
+                f"{self.step}_parent_id": seed[ID],
+            }
+            if generation.failure:
+                row[REJECT_STEP] = self.step
+                row[REJECT_REASON], row[REJECT_DETAIL] = generation.failure
+            created.append(row)
+        if not created:
+            return seeds
+        return pa.concat_tables([seeds, pa.Table.from_pylist(created, schema=seeds.schema)])
 
 
 class LLMStep(Step):
     def __init__(
         self, name: str, kind: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
-        sampling: SamplingParams,
+        sampling: SamplingParams, options: RunOptions | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -120,6 +254,7 @@ class LLMStep(Step):
         self.engine_spec = engine_spec
         self.task = task
         self.sampling = sampling
+        self.options = options or RunOptions()
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         spec = self.engine_spec
@@ -131,6 +266,7 @@ class LLMStep(Step):
                 "engine_spec": spec,
                 "task": self.task,
                 "sampling": self.sampling,
+                "options": self.options,
             },
             batch_format="pyarrow",
             # several engine batches per call, so length-sorting has rows to group
@@ -145,7 +281,9 @@ class LLMStep(Step):
         resolve_model_dir(self.engine_spec.model, self.engine_spec.cache_dir)
 
     def output_columns(self) -> list[str]:
-        return [self.task.output_column, *lineage_columns(self.name)]
+        # canonical columns (a new row's instruction, a response) are the step's to write
+        return [*(c for c in self.task.output_columns if c not in CANONICAL_TEXT),
+                *lineage_columns(self.name, generates_rows=self.task.generates_rows)]
 
     def cpu_request(self) -> float:
         return self.engine_spec.replicas * self.engine_spec.num_cpus
@@ -159,6 +297,5 @@ class LLMStep(Step):
             "template": self.task.template_version,
             "sampling": self.sampling.model_dump(),
             "replicas": self.engine_spec.replicas,
+            "max_retries": self.options.max_retries,
         }
-
-

@@ -2,27 +2,62 @@
 
 from __future__ import annotations
 
-from augment_ray.config import JobSpec, RefineStepSpec, StepSpec
+from augment_ray.config import (
+    ExpandStepSpec,
+    JobSpec,
+    LLMStepSpec,
+    PAIStepSpec,
+    RefineStepSpec,
+    RespondStepSpec,
+    StepSpec,
+)
+from augment_ray.errors import JobSpecError
 from augment_ray.steps.base import Step
-from augment_ray.steps.llm import LLMStep
+from augment_ray.steps.llm import LLMStep, RunOptions
+from augment_ray.tasks.base import LLMTask
+from augment_ray.tasks.expand import ExpandTask, is_native_expand_model
 from augment_ray.tasks.refine import RefineTask, is_native_refine_model
+from augment_ray.tasks.respond import RespondTask
+
+
+def _native(spec: PAIStepSpec, model: str, detect) -> bool:
+    return spec.mode == "native" or (spec.mode == "auto" and detect(model))
+
+
+def _task(spec: StepSpec, job: JobSpec) -> LLMTask:
+    model = job.engines[spec.engine].model if isinstance(spec, LLMStepSpec) else ""
+    if isinstance(spec, RefineStepSpec):
+        return RefineTask(_native(spec, model, is_native_refine_model), spec.output_column)
+    if isinstance(spec, ExpandStepSpec):
+        return ExpandTask(_native(spec, model, is_native_expand_model), spec.n)
+    if isinstance(spec, RespondStepSpec):
+        return RespondTask(spec.instruction_column, f"{spec.step_name}_previous_output")
+    raise ValueError(f"no builder for step kind {spec.kind!r}")
 
 
 def build_step(spec: StepSpec, job: JobSpec) -> Step:
-    if isinstance(spec, RefineStepSpec):
-        engine = job.engines[spec.engine]
-        native = spec.mode == "native" or (
-            spec.mode == "auto" and is_native_refine_model(engine.model)
+    if not isinstance(spec, LLMStepSpec):
+        raise ValueError(f"no builder for step kind {spec.kind!r}")
+    engine = job.engines[spec.engine]
+    sampling = engine.sampling.merged(spec.sampling)
+    if isinstance(spec, ExpandStepSpec) and spec.n > 1 and sampling.temperature == 0:
+        raise JobSpecError(
+            f"Step {spec.step_name!r}: n: {spec.n} with temperature 0 would give {spec.n} copies "
+            "of one answer; set steps[].sampling.temperature (e.g. 0.8)."
         )
-        return LLMStep(
-            name=spec.step_name,
-            kind=spec.kind,
-            engine_name=spec.engine,
-            engine_spec=engine,
-            task=RefineTask(native=native, output_column=spec.output_column),
-            sampling=engine.sampling.merged(spec.sampling),
-        )
-    raise ValueError(f"no builder for step kind {spec.kind!r}")
+    return LLMStep(
+        name=spec.step_name,
+        kind=spec.kind,
+        engine_name=spec.engine,
+        engine_spec=engine,
+        task=_task(spec, job),
+        sampling=sampling,
+        options=RunOptions(
+            max_retries=spec.max_retries,
+            reject_truncated=spec.reject_truncated,
+            keep_seeds=getattr(spec, "keep_seeds", True),
+        ),
+    )
 
 
 def build_steps(job: JobSpec) -> list[Step]:

@@ -23,12 +23,15 @@ class ParseFailure(Exception):
 
 class LLMTask(Protocol):
     template_version: str
-    output_column: str
+    output_columns: tuple[str, ...]  # the keys parse() returns
+    generates_rows: bool  # False: parse() fills the row's columns; True: each answer is a new row
 
-    def prompt(self, row: Row) -> Messages: ...
+    def prompts(self, row: Row) -> list[Messages]:
+        """The generations to run for `row` (one for most tasks; n for expand)."""
+        ...
 
-    def parse(self, row: Row, text: str) -> str:
-        """The value of `output_column`, or raise ParseFailure."""
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
+        """Column values from one answer, or raise ParseFailure."""
         ...
 
 

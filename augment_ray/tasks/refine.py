@@ -28,7 +28,12 @@ class RefineTask:
     def __init__(self, native: bool, output_column: str) -> None:
         self.native = native
         self.output_column = output_column
+        self.output_columns = (output_column,)
+        self.generates_rows = False
         self.template_version = "native" if native else "refine.v1"
+
+    def prompts(self, row: Row) -> list[Messages]:
+        return [self.prompt(row)]
 
     def prompt(self, row: Row) -> Messages:
         instruction = row["instruction"]
@@ -41,7 +46,7 @@ class RefineTask:
             instruction = f"{instruction}\n\n{context}"
         return [{"role": "user", "content": template.render(instruction=instruction)}]
 
-    def parse(self, row: Row, text: str) -> str:
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
         if self.native:
             answer = text.strip()
         else:
@@ -49,4 +54,4 @@ class RefineTask:
             answer = clean_answer(tagged if tagged is not None else text)
         if not answer:
             raise ParseFailure("empty_output", text[:500])
-        return answer
+        return {self.output_column: answer}

@@ -1,0 +1,59 @@
+"""Instruction expansion (PAI Instruct-Exp): new instructions of the same task type."""
+
+from __future__ import annotations
+
+import re
+
+from augment_ray.tasks.base import (
+    Messages,
+    ParseFailure,
+    Row,
+    clean_answer,
+    detect_language,
+    extract_tagged,
+    load_template,
+)
+
+# alibaba-pai/Qwen2-1.5B-Instruct-Exp, alibaba-pai/Qwen2-7B-Instruct-Exp, local copies
+NATIVE_EXPAND_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-exp\b", re.IGNORECASE)
+
+
+def is_native_expand_model(model: str) -> bool:
+    return bool(NATIVE_EXPAND_MODEL.search(model))
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class ExpandTask:
+    TAG = "instruction"
+    output_columns = ("instruction",)
+    generates_rows = True
+
+    def __init__(self, native: bool, n: int) -> None:
+        self.native = native
+        self.n = n
+        self.template_version = "native" if native else "expand.v1"
+
+    def prompts(self, row: Row) -> list[Messages]:
+        instruction = row["instruction"]
+        if self.native:
+            # one new instruction per generation: n samples of the same raw-text prompt
+            content = instruction
+        else:
+            template = load_template("expand", "v1", detect_language(instruction))
+            content = template.render(instruction=instruction)
+        return [[{"role": "user", "content": content}] for _ in range(self.n)]
+
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
+        if self.native:
+            answer = text.strip()
+        else:
+            tagged = extract_tagged(text, self.TAG)
+            answer = clean_answer(tagged if tagged is not None else text)
+        if not answer:
+            raise ParseFailure("empty_output", text[:500])
+        if _normalized(answer) == _normalized(row["instruction"]):
+            raise ParseFailure("copy_of_seed", answer[:500])
+        return {"instruction": answer}
