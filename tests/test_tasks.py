@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from augment_ray.tasks.base import ParseFailure, detect_language, extract_tagged
+from augment_ray.tasks.expand import ExpandTask, is_native_expand_model
 from augment_ray.tasks.refine import RefineTask, is_native_refine_model
+from augment_ray.tasks.respond import RespondTask
 
 ROW = {"instruction": "Write a poem.", "input": None}
 
@@ -60,3 +62,90 @@ def test_language_and_tags():
     assert detect_language("12345") == "en"
     assert extract_tagged("no tags", "refined") is None
 
+
+
+# ---- expand ----------------------------------------------------------------------------------
+
+
+
+def test_expand_native_sends_the_raw_instruction_n_times():
+    messages = ExpandTask(native=True, n=3).prompts({"instruction": "Sort these numbers."})
+    assert messages == [[{"role": "user", "content": "Sort these numbers."}]] * 3
+
+
+def test_expand_prompted_golden_message():
+    [[message]] = ExpandTask(native=False, n=1).prompts({"instruction": "Sort 3, 1, 2."})
+    assert message["role"] == "user"
+    assert message["content"] == (
+        "Write one new instruction of the same task type as the example below, with different "
+        "content (another topic, other entities or numbers). It must be self-contained and "
+        "answerable, in the same language as the example. Do not answer it.\n\n"
+        "Example instruction:\nSort 3, 1, 2.\n\n"
+        "Write only the new instruction, between <instruction> and </instruction>."
+    )
+    [[chinese]] = ExpandTask(native=False, n=1).prompts({"instruction": "把这些数字排序。"})
+    assert chinese["content"].startswith("请写一条") and "把这些数字排序。" in chinese["content"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("<instruction>Sort 9, 4, 7.</instruction>", "Sort 9, 4, 7."),
+        ("<instruction>Sort 9, 4", "Sort 9, 4"),
+        ("New instruction: Sort 5, 2.", "Sort 5, 2."),
+        # a seed that itself contains the tags does not confuse parsing of the answer
+        ("<instruction>Explain what <b> does in HTML.</instruction> trailing",
+         "Explain what <b> does in HTML."),
+    ],
+)
+def test_expand_parse(text, expected):
+    assert ExpandTask(native=False, n=1).parse({"instruction": "x"}, text) == {
+        "instruction": expected
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("", "empty_output"), ("<instruction> </instruction>", "empty_output"),
+     ("<instruction>sort  3, 1, 2.</instruction>", "copy_of_seed")],
+)
+def test_expand_parse_failures(text, reason):
+    with pytest.raises(ParseFailure) as info:
+        ExpandTask(native=False, n=1).parse({"instruction": "Sort 3, 1, 2."}, text)
+    assert info.value.reason == reason
+
+
+def test_native_expand_model_detection():
+    assert is_native_expand_model("alibaba-pai/Qwen2-7B-Instruct-Exp")
+    assert is_native_expand_model("/m/Qwen2-1.5B-Instruct-Exp")
+    assert not is_native_expand_model("alibaba-pai/Qwen2-7B-Instruct-Response-Exp")
+    assert not is_native_expand_model("alibaba-pai/Qwen2-7B-Instruct-Refine")
+
+
+# ---- respond ---------------------------------------------------------------------------------
+
+
+def test_respond_prompt_is_the_instruction_and_its_input():
+    task = RespondTask("instruction", "respond_previous_output")
+    assert task.prompts({"instruction": "Translate.", "input": "Bonjour"}) == [
+        [{"role": "user", "content": "Translate.\n\nBonjour"}]
+    ]
+    assert task.prompts({"instruction": "Say hi.", "input": None}) == [
+        [{"role": "user", "content": "Say hi."}]
+    ]
+    refined = RespondTask("refined_instruction", "p")
+    assert refined.prompts({"refined_instruction": "Say hi twice.", "instruction": "Say hi."}) == [
+        [{"role": "user", "content": "Say hi twice."}]
+    ]
+
+
+def test_respond_parse_keeps_previous_and_refuses_empty():
+    task = RespondTask("instruction", "p")
+    assert task.parse({"output": "old"}, "  ### Response\n\nnew  ") == {
+        "output": "### Response\n\nnew", "p": "old",
+    }
+    with pytest.raises(ParseFailure):
+        task.parse({"output": "old"}, "   ")
+    with pytest.raises(ParseFailure) as info:
+        task.prompts({"instruction": " ", "input": None})
+    assert info.value.reason == "missing_instruction"

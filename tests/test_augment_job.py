@@ -1,0 +1,83 @@
+"""expand -> respond chained in one job, with the real bundled model on a real local Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from augment_ray.config import parse_job
+from augment_ray.pipeline import run_job
+from augment_ray.rows import derived_id
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "jobs" / "expand_respond.yaml"
+SAMPLE = ROOT / "jobs" / "data" / "self_instruct_seed"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def read_folder(path: Path) -> list[dict]:
+    files = sorted(path.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def test_expand_then_respond_links_every_new_row_to_its_seed(local_ray, tmp_path):
+    seeds = pq.read_table(SAMPLE).slice(0, 3).to_pylist()
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.Table.from_pylist(seeds), source / "part-0.parquet")
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["input"]["uri"] = str(source)
+    data["output"]["uri"] = str(tmp_path / "out")
+    data["engines"]["small"]["batch_size"] = 8
+    data["steps"][0]["sampling"]["max_tokens"] = 24
+    data["steps"][1]["sampling"]["max_tokens"] = 12
+
+    summary = run_job(parse_job(data))
+
+    kept = read_folder(tmp_path / "out" / "data")
+    rejected = read_folder(tmp_path / "out" / "_rejects")
+    everything = kept + rejected
+    seed_ids = {s["id"] for s in seeds}
+    created = [r for r in everything if r["origin_step"] == "expand"]
+    # nothing lost: 3 seeds + 2 new rows per seed, each in output or rejects
+    assert len(everything) == 9
+    assert {r["id"] for r in everything if r["origin_step"] == "input"} == seed_ids
+    assert sorted(r["id"] for r in created) == sorted(
+        derived_id(seed, "expand", k) for seed in seed_ids for k in range(2)
+    )
+    for row in created:
+        assert row["expand_parent_id"] in seed_ids
+        assert row["source_id"] == row["expand_parent_id"]
+        assert row["expand_model"] == "SmolLM2-135M-Instruct"
+        assert row["expand_template"] == "expand.v1"
+        if row.get("reject_reason") is None:
+            assert row["instruction"].strip()
+        else:  # a rejected generation keeps the model's raw text for inspection
+            assert row["reject_step"] in ("expand", "respond")
+    for row in kept:
+        assert row["output"].strip()
+        assert row["respond_completion_tokens"] >= 1
+    for row in kept:
+        if row["origin_step"] == "input":  # the seed's own response is kept for audit
+            original = next(s for s in seeds if s["id"] == row["id"])
+            assert row["respond_previous_output"] == original["output"]
+    steps = {step["name"]: step for step in summary["steps"]}
+    assert steps["expand"]["rows_in"] == 3
+    assert steps["expand"]["rows_created"] == 6
+    assert steps["respond"]["rows_in"] == steps["expand"]["rows_out"]
+    assert summary["rows_out"] + summary["rows_rejected"] == 9
