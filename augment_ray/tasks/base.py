@@ -71,6 +71,20 @@ def extract_tagged(text: str, tag: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
+def answer_text(text: str, tag: str, native: bool) -> str:
+    """The answer in a model's text: all of it for a native PAI model (trained to emit just the
+    answer); else the part inside <tag>, or the text cleaned of a leading label. Raises
+    ParseFailure('empty_output') when nothing is left."""
+    if native:
+        answer = text.strip()
+    else:
+        tagged = extract_tagged(text, tag)
+        answer = clean_answer(tagged if tagged is not None else text)
+    if not answer:
+        raise ParseFailure("empty_output", text[:500])
+    return answer
+
+
 _LEADING_LABEL = re.compile(
     r"^\s*(?:\*\*)?(?:refined|rewritten|improved|new|revised)?\s*(?:instruction|prompt|question)"
     r"\s*(?:\*\*)?\s*[:\uff1a]\s*(?:\*\*)?",

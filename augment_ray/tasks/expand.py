@@ -8,9 +8,8 @@ from augment_ray.tasks.base import (
     Messages,
     ParseFailure,
     Row,
-    clean_answer,
+    answer_text,
     detect_language,
-    extract_tagged,
     load_template,
 )
 
@@ -47,13 +46,7 @@ class ExpandTask:
         return [[{"role": "user", "content": content}] for _ in range(self.n)]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
-        if self.native:
-            answer = text.strip()
-        else:
-            tagged = extract_tagged(text, self.TAG)
-            answer = clean_answer(tagged if tagged is not None else text)
-        if not answer:
-            raise ParseFailure("empty_output", text[:500])
+        answer = answer_text(text, self.TAG, self.native)
         if _normalized(answer) == _normalized(row["instruction"]):
             raise ParseFailure("copy_of_seed", answer[:500])
         return {"instruction": answer}

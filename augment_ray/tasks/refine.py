@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import re
 
-from augment_ray.tasks.base import (
-    Messages,
-    ParseFailure,
-    Row,
-    clean_answer,
-    detect_language,
-    extract_tagged,
-    load_template,
-)
+from augment_ray.tasks.base import Messages, Row, answer_text, detect_language, load_template
 
 # alibaba-pai/Qwen2-1.5B-Instruct-Refine, alibaba-pai/Qwen2-7B-Instruct-Refine, local copies
 NATIVE_REFINE_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-refine", re.IGNORECASE)
@@ -47,11 +39,4 @@ class RefineTask:
         return [{"role": "user", "content": template.render(instruction=instruction)}]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
-        if self.native:
-            answer = text.strip()
-        else:
-            tagged = extract_tagged(text, self.TAG)
-            answer = clean_answer(tagged if tagged is not None else text)
-        if not answer:
-            raise ParseFailure("empty_output", text[:500])
-        return {self.output_column: answer}
+        return {self.output_column: answer_text(text, self.TAG, self.native)}
