@@ -186,6 +186,16 @@ class ExpandStepSpec(PAIStepSpec):
     )
 
 
+class PairExpandStepSpec(PAIStepSpec):
+    """Instruction-response pair expansion: new pairs in the style of k seed pairs (the row and
+    k-1 others drawn from the same batch). Rows without an output are used by no prompt."""
+
+    kind: Literal["pair_expand"]
+    k: int = Field(3, gt=0, le=16, description="seed pairs shown per prompt")
+    n: int = Field(1, gt=0, le=64, description="new pairs per seed row")
+    keep_seeds: bool = True
+
+
 class RespondStepSpec(LLMStepSpec):
     """Writes the response to each instruction with a teacher engine (distillation). The row's
     existing response, if any, is kept in `<name>_previous_output`."""
@@ -198,7 +208,8 @@ class RespondStepSpec(LLMStepSpec):
 
 
 AnyStepSpec = Annotated[
-    RefineStepSpec | ExpandStepSpec | RespondStepSpec, Field(discriminator="kind")
+    RefineStepSpec | ExpandStepSpec | PairExpandStepSpec | RespondStepSpec,
+    Field(discriminator="kind"),
 ]
 
 
@@ -255,7 +266,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source} is not a valid job: " + "; ".join(problems) + "."
 
 
-_STEP_KINDS = {"refine", "expand", "respond"}
+_STEP_KINDS = {"refine", "expand", "pair_expand", "respond"}
 
 
 def parse_job(data: Any, source: str = "job") -> JobSpec:

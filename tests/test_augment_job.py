@@ -81,3 +81,30 @@ def test_expand_then_respond_links_every_new_row_to_its_seed(local_ray, tmp_path
     assert steps["expand"]["rows_created"] == 6
     assert steps["respond"]["rows_in"] == steps["expand"]["rows_out"]
     assert summary["rows_out"] + summary["rows_rejected"] == 9
+
+
+def test_pair_expand_writes_new_pairs_or_rejects_them_with_the_raw_text(local_ray, tmp_path):
+    seeds = pq.read_table(SAMPLE).slice(0, 3).to_pylist()
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.Table.from_pylist(seeds), source / "part-0.parquet")
+    data = yaml.safe_load((ROOT / "jobs" / "pair_expand.yaml").read_text())
+    data["input"]["uri"] = str(source)
+    data["output"]["uri"] = str(tmp_path / "out")
+    data["engines"]["small"]["sampling"]["max_tokens"] = 48
+    data["steps"][0]["max_retries"] = 1
+
+    summary = run_job(parse_job(data))
+
+    everything = read_folder(tmp_path / "out" / "data") + read_folder(tmp_path / "out" / "_rejects")
+    created = [r for r in everything if r["origin_step"] == "pair_expand"]
+    assert len(everything) == 6 and len(created) == 3
+    for row in created:
+        assert row["id"] == derived_id(row["pair_expand_parent_id"], "pair_expand", 0)
+        if row.get("reject_reason") is None:
+            assert row["instruction"].strip() and row["output"].strip()
+        else:
+            assert row["reject_reason"] in ("unparsable_pair", "copy_of_seed", "empty_output")
+            assert row["reject_detail"]  # the raw model text, for inspection
+            assert row["pair_expand_attempts"] == 2
+    assert summary["steps"][1]["rows_created"] == 3

@@ -63,7 +63,8 @@ def test_unknown_step_engine_lists_known_engines():
 
 def test_unknown_step_kind():
     message = error_of(minimal(steps=[{"kind": "refin", "engine": "small"}]))
-    assert "steps[0]: unknown step kind; expected one of: expand, refine, respond" in message
+    expected = "expand, pair_expand, refine, respond"
+    assert f"steps[0]: unknown step kind; expected one of: {expected}" in message
 
 
 def test_step_without_kind():

@@ -6,6 +6,7 @@ import pytest
 
 from augment_ray.tasks.base import ParseFailure, detect_language, extract_tagged
 from augment_ray.tasks.expand import ExpandTask, is_native_expand_model
+from augment_ray.tasks.pair_expand import PairExpandTask
 from augment_ray.tasks.refine import RefineTask, is_native_refine_model
 from augment_ray.tasks.respond import RespondTask
 
@@ -149,3 +150,77 @@ def test_respond_parse_keeps_previous_and_refuses_empty():
     with pytest.raises(ParseFailure) as info:
         task.prompts({"instruction": " ", "input": None})
     assert info.value.reason == "missing_instruction"
+
+
+# ---- pair_expand -----------------------------------------------------------------------------
+
+POOL = [
+    {"id": "a", "instruction": "Add 2 and 3.", "output": "5"},
+    {"id": "b", "instruction": "Add 4 and 4.", "output": "8"},
+    {"id": "c", "instruction": "Add 1 and 9.", "output": "10"},
+    {"id": "d", "instruction": "No answer yet.", "output": None},
+]
+
+
+def pair_task(native: bool, k: int = 2, n: int = 1) -> PairExpandTask:
+    task = PairExpandTask(native=native, k=k, n=n, seed=0)
+    task.with_batch(POOL)
+    return task
+
+
+def test_pair_expand_native_golden_text():
+    [[message]] = pair_task(native=True, k=1).prompts(POOL[0])
+    assert message == {
+        "role": "user",
+        "content": "### Instruction\n\nAdd 2 and 3.\n\n### Response\n\n5",
+    }
+    [[two]] = pair_task(native=True, k=2).prompts(POOL[0])
+    first, second = two["content"].split("\n\n### Instruction\n\n")
+    assert first == "### Instruction\n\nAdd 2 and 3.\n\n### Response\n\n5"
+    assert second in ("Add 4 and 4.\n\n### Response\n\n8", "Add 1 and 9.\n\n### Response\n\n10")
+
+
+def test_pair_expand_examples_are_deterministic_and_skip_rows_without_output():
+    assert pair_task(True, k=3).prompts(POOL[1]) == pair_task(True, k=3).prompts(POOL[1])
+    assert "No answer yet." not in pair_task(True, k=4).prompts(POOL[0])[0][0]["content"]
+    assert pair_task(True).prompts(POOL[3]) == []  # no response: used by no prompt
+    assert len(pair_task(True, n=3).prompts(POOL[0])) == 3
+
+
+def test_pair_expand_prompted_template():
+    [[message]] = pair_task(native=False, k=1).prompts(POOL[0])
+    assert message["content"].startswith("Here are example instruction-response pairs:\n\n"
+                                          "### Instruction\n\nAdd 2 and 3.")
+    assert message["content"].endswith("between <response> and </response>.")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("### Instruction\n\nAdd 6 and 7.\n\n### Response\n\n13",
+         ("Add 6 and 7.", "13")),
+        # the native model often continues right after the prompt, without the header
+        ("Add 6 and 7.\n\n### Response\n\n13\n\n### Instruction\n\nAdd 1 and 1.",
+         ("Add 6 and 7.", "13")),
+        ("<instruction>Add 6 and 7.</instruction>\n<response>13</response>",
+         ("Add 6 and 7.", "13")),
+        # an instruction that itself talks about '### Response' is safe inside tags
+        ("<instruction>What does '### Response' mark?</instruction><response>The answer."
+         "</response>", ("What does '### Response' mark?", "The answer.")),
+    ],
+)
+def test_pair_expand_parse(text, expected):
+    values = pair_task(native=True).parse(POOL[0], text)
+    assert (values["instruction"], values["output"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("", "unparsable_pair"), ("Just some text.", "unparsable_pair"),
+     ("### Instruction\n\n\n\n### Response\n\n5", "unparsable_pair"),
+     ("### Instruction\n\nadd 2 and  3.\n\n### Response\n\n5", "copy_of_seed")],
+)
+def test_pair_expand_parse_failures(text, reason):
+    with pytest.raises(ParseFailure) as info:
+        pair_task(native=True).parse(POOL[0], text)
+    assert info.value.reason == reason

@@ -156,6 +156,8 @@ class LLMTaskRunner:
         live = live_mask(table).to_pylist()
         indices = [i for i, alive in enumerate(live) if alive]
         rows = dict(zip(indices, table.take(indices).to_pylist(), strict=True)) if indices else {}
+        if hasattr(self.task, "with_batch"):  # tasks that show other rows as examples
+            self.task.with_batch(list(rows.values()))
         generations: list[Generation] = []
         unpromptable: dict[int, tuple[str, str]] = {}
         for index, row in rows.items():

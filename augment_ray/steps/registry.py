@@ -6,6 +6,7 @@ from augment_ray.config import (
     ExpandStepSpec,
     JobSpec,
     LLMStepSpec,
+    PairExpandStepSpec,
     PAIStepSpec,
     RefineStepSpec,
     RespondStepSpec,
@@ -16,6 +17,7 @@ from augment_ray.steps.base import Step
 from augment_ray.steps.llm import LLMStep, RunOptions
 from augment_ray.tasks.base import LLMTask
 from augment_ray.tasks.expand import ExpandTask, is_native_expand_model
+from augment_ray.tasks.pair_expand import PairExpandTask, is_native_pair_model
 from augment_ray.tasks.refine import RefineTask, is_native_refine_model
 from augment_ray.tasks.respond import RespondTask
 
@@ -30,6 +32,9 @@ def _task(spec: StepSpec, job: JobSpec) -> LLMTask:
         return RefineTask(_native(spec, model, is_native_refine_model), spec.output_column)
     if isinstance(spec, ExpandStepSpec):
         return ExpandTask(_native(spec, model, is_native_expand_model), spec.n)
+    if isinstance(spec, PairExpandStepSpec):
+        seed = job.engines[spec.engine].sampling.merged(spec.sampling).seed
+        return PairExpandTask(_native(spec, model, is_native_pair_model), spec.k, spec.n, seed)
     if isinstance(spec, RespondStepSpec):
         return RespondTask(spec.instruction_column, f"{spec.step_name}_previous_output")
     raise ValueError(f"no builder for step kind {spec.kind!r}")
@@ -40,9 +45,10 @@ def build_step(spec: StepSpec, job: JobSpec) -> Step:
         raise ValueError(f"no builder for step kind {spec.kind!r}")
     engine = job.engines[spec.engine]
     sampling = engine.sampling.merged(spec.sampling)
-    if isinstance(spec, ExpandStepSpec) and spec.n > 1 and sampling.temperature == 0:
+    n = getattr(spec, "n", 1)
+    if n > 1 and sampling.temperature == 0:
         raise JobSpecError(
-            f"Step {spec.step_name!r}: n: {spec.n} with temperature 0 would give {spec.n} copies "
+            f"Step {spec.step_name!r}: n: {n} with temperature 0 would give {n} copies "
             "of one answer; set steps[].sampling.temperature (e.g. 0.8)."
         )
     return LLMStep(

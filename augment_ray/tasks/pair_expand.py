@@ -1,0 +1,91 @@
+"""Instruction-response pair expansion (PAI Instruct-Response-Exp): new pairs in the style of a
+few seed pairs. The seed pairs of one prompt are the row itself plus k-1 others drawn from the
+same batch with a RNG seeded by the step seed and the row id, so a rerun draws the same."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from augment_ray.tasks.base import (
+    Messages,
+    ParseFailure,
+    Row,
+    detect_language,
+    extract_tagged,
+    load_template,
+)
+
+# alibaba-pai/Qwen2-7B-Instruct-Response-Exp, local copies
+NATIVE_PAIR_MODEL = re.compile(r"qwen2-7b-instruct-response-exp", re.IGNORECASE)
+PAIR_FORMAT = "### Instruction\n\n{q}\n\n### Response\n\n{a}"
+_PAIR = re.compile(
+    r"(?:###\s*Instruction\s*\n)?(?P<q>.*?)\n\s*###\s*Response\s*\n(?P<a>.*?)"
+    r"(?=\n\s*###\s*Instruction|\Z)",
+    re.DOTALL,
+)
+
+
+def is_native_pair_model(model: str) -> bool:
+    return bool(NATIVE_PAIR_MODEL.search(model))
+
+
+def format_pairs(pairs: list[tuple[str, str]]) -> str:
+    return "\n\n".join(PAIR_FORMAT.format(q=q, a=a) for q, a in pairs)
+
+
+def parse_pair(text: str) -> tuple[str, str] | None:
+    """The first '### Instruction ... ### Response ...' pair in text (the header of the
+    instruction may be missing: the model often continues right after it)."""
+    match = _PAIR.search(text.strip())
+    if not match:
+        return None
+    return match.group("q").strip(), match.group("a").strip()
+
+
+class PairExpandTask:
+    output_columns = ("instruction", "output")
+    generates_rows = True
+
+    def __init__(self, native: bool, k: int, n: int, seed: int) -> None:
+        self.native = native
+        self.k = k
+        self.n = n
+        self.seed = seed
+        self.template_version = "native" if native else "pair_expand.v1"
+        self._pool: list[Row] = []
+
+    def with_batch(self, rows: list[Row]) -> None:
+        """The rows other seed pairs are drawn from: the live rows of this batch."""
+        self._pool = [r for r in rows if r.get("output")]
+
+    def _examples(self, row: Row) -> list[tuple[str, str]]:
+        others = [r for r in self._pool if r["id"] != row["id"]]
+        rng = random.Random(f"{self.seed}:{row['id']}")
+        chosen = rng.sample(others, min(self.k - 1, len(others)))
+        return [(r["instruction"], r["output"]) for r in [row, *chosen]]
+
+    def prompts(self, row: Row) -> list[Messages]:
+        if not row.get("output"):
+            return []  # a seed without a response cannot show a pair: it is used by no prompt
+        pairs = format_pairs(self._examples(row))
+        if self.native:
+            content = pairs
+        else:
+            template = load_template("pair_expand", "v1", detect_language(row["instruction"]))
+            content = template.render(pairs=pairs)
+        return [[{"role": "user", "content": content}] for _ in range(self.n)]
+
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
+        question = extract_tagged(text, "instruction")
+        answer = extract_tagged(text, "response")
+        if not (question and answer):
+            pair = parse_pair(text)
+            if pair is None:
+                raise ParseFailure("unparsable_pair", text[:500])
+            question, answer = pair
+        if not question or not answer:
+            raise ParseFailure("unparsable_pair", text[:500])
+        if " ".join(question.lower().split()) == " ".join(row["instruction"].lower().split()):
+            raise ParseFailure("copy_of_seed", question[:500])
+        return {"instruction": question, "output": answer}
