@@ -196,6 +196,39 @@ class PairExpandStepSpec(PAIStepSpec):
     keep_seeds: bool = True
 
 
+class ClassifyTaskStepSpec(LLMStepSpec):
+    """Labels each instruction with a task category (tasks.classify.TASK_CATEGORIES) and its
+    language (en/zh, from the script)."""
+
+    kind: Literal["classify_task"]
+    category_column: str = "task_category"
+    language_column: str = "language"
+
+
+class ResampleStepSpec(StepSpec):
+    """Draws the dataset toward target group ratios, deterministically for a seed. A barrier."""
+
+    kind: Literal["resample"]
+    by: list[str] = Field(
+        default_factory=lambda: ["task_category"],
+        description="columns whose values form a group, e.g. [task_category, language]",
+    )
+    targets: dict[str, float] | None = Field(
+        None,
+        description="ratio per group key ('math' or 'math/en' with two `by` columns); "
+        "omitted: balanced over the groups present; unlisted groups are left as they are",
+    )
+    seed: int = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and (not value or any(v < 0 for v in value.values())
+                                  or sum(value.values()) <= 0):
+            raise ValueError("ratios must be >= 0 with a positive sum")
+        return value
+
+
 class RespondStepSpec(LLMStepSpec):
     """Writes the response to each instruction with a teacher engine (distillation). The row's
     existing response, if any, is kept in `<name>_previous_output`."""
@@ -208,7 +241,12 @@ class RespondStepSpec(LLMStepSpec):
 
 
 AnyStepSpec = Annotated[
-    RefineStepSpec | ExpandStepSpec | PairExpandStepSpec | RespondStepSpec,
+    RefineStepSpec
+    | ExpandStepSpec
+    | PairExpandStepSpec
+    | RespondStepSpec
+    | ClassifyTaskStepSpec
+    | ResampleStepSpec,
     Field(discriminator="kind"),
 ]
 
@@ -266,7 +304,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source} is not a valid job: " + "; ".join(problems) + "."
 
 
-_STEP_KINDS = {"refine", "expand", "pair_expand", "respond"}
+_STEP_KINDS = {"refine", "expand", "pair_expand", "respond", "classify_task", "resample"}
 
 
 def parse_job(data: Any, source: str = "job") -> JobSpec:

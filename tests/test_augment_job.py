@@ -13,6 +13,7 @@ import yaml
 from augment_ray.config import parse_job
 from augment_ray.pipeline import run_job
 from augment_ray.rows import derived_id
+from augment_ray.tasks.classify import TASK_CATEGORIES
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +109,30 @@ def test_pair_expand_writes_new_pairs_or_rejects_them_with_the_raw_text(local_ra
             assert row["reject_detail"]  # the raw model text, for inspection
             assert row["pair_expand_attempts"] == 2
     assert summary["steps"][1]["rows_created"] == 3
+
+
+def test_classify_then_resample_accounts_for_every_row(local_ray, tmp_path):
+    seeds = pq.read_table(SAMPLE).slice(0, 8).to_pylist()
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.Table.from_pylist(seeds), source / "part-0.parquet")
+    data = yaml.safe_load((ROOT / "jobs" / "classify_resample.yaml").read_text())
+    data["input"]["uri"] = str(source)
+    data["output"]["uri"] = str(tmp_path / "out")
+
+    summary = run_job(parse_job(data))
+
+    kept = read_folder(tmp_path / "out" / "data")
+    rejected = read_folder(tmp_path / "out" / "_rejects")
+    inputs = [r for r in kept + rejected if r["origin_step"] == "input"]
+    assert sorted(r["id"] for r in inputs) == sorted(s["id"] for s in seeds)
+    for row in kept:
+        assert row["task_category"] in TASK_CATEGORIES
+        assert row["language"] == "en"
+    for row in rejected:
+        assert row["reject_reason"] in ("resampled_out", "unknown_category")
+    repeats = [r for r in kept if r["origin_step"] == "resample"]
+    assert all(r["source_id"] in {s["id"] for s in seeds} for r in repeats)
+    steps = {step["name"]: step for step in summary["steps"]}
+    assert sum(steps["resample"]["group_counts"].values()) == steps["resample"]["rows_in"]
+    assert steps["resample"]["rows_created"] == len(repeats)

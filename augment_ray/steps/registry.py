@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from augment_ray.config import (
+    ClassifyTaskStepSpec,
     ExpandStepSpec,
     JobSpec,
     LLMStepSpec,
     PairExpandStepSpec,
     PAIStepSpec,
     RefineStepSpec,
+    ResampleStepSpec,
     RespondStepSpec,
     StepSpec,
 )
 from augment_ray.errors import JobSpecError
 from augment_ray.steps.base import Step
 from augment_ray.steps.llm import LLMStep, RunOptions
+from augment_ray.steps.resample import ResampleStep
 from augment_ray.tasks.base import LLMTask
+from augment_ray.tasks.classify import ClassifyTask
 from augment_ray.tasks.expand import ExpandTask, is_native_expand_model
 from augment_ray.tasks.pair_expand import PairExpandTask, is_native_pair_model
 from augment_ray.tasks.refine import RefineTask, is_native_refine_model
@@ -35,12 +39,16 @@ def _task(spec: StepSpec, job: JobSpec) -> LLMTask:
     if isinstance(spec, PairExpandStepSpec):
         seed = job.engines[spec.engine].sampling.merged(spec.sampling).seed
         return PairExpandTask(_native(spec, model, is_native_pair_model), spec.k, spec.n, seed)
+    if isinstance(spec, ClassifyTaskStepSpec):
+        return ClassifyTask(spec.category_column, spec.language_column)
     if isinstance(spec, RespondStepSpec):
         return RespondTask(spec.instruction_column, f"{spec.step_name}_previous_output")
     raise ValueError(f"no builder for step kind {spec.kind!r}")
 
 
 def build_step(spec: StepSpec, job: JobSpec) -> Step:
+    if isinstance(spec, ResampleStepSpec):
+        return ResampleStep(spec.step_name, spec.by, spec.targets, spec.seed)
     if not isinstance(spec, LLMStepSpec):
         raise ValueError(f"no builder for step kind {spec.kind!r}")
     engine = job.engines[spec.engine]
