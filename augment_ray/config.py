@@ -181,6 +181,11 @@ class ExpandStepSpec(PAIStepSpec):
 
     kind: Literal["expand"]
     n: int = Field(1, gt=0, le=64, description="new instructions per seed (one per generation)")
+    few_shot: int = Field(
+        0, ge=0, le=16,
+        description="prompted mode: also show this many other seed instructions of the same "
+        "batch as examples (drawn with the step's seed)",
+    )
     keep_seeds: bool = Field(
         True, description="false: seed rows go to _rejects (reason seed_not_kept)"
     )

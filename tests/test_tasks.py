@@ -224,3 +224,19 @@ def test_pair_expand_parse_failures(text, reason):
     with pytest.raises(ParseFailure) as info:
         pair_task(native=True).parse(POOL[0], text)
     assert info.value.reason == reason
+
+
+def test_expand_few_shot_shows_the_seed_first_then_seeded_examples():
+    pool = [{"id": f"r{i}", "instruction": f"Task {i}."} for i in range(6)]
+    task = ExpandTask(native=False, n=1, few_shot=2, seed=5)
+    task.with_batch(pool)
+    [[message]] = task.prompts(pool[0])
+    lines = message["content"].splitlines()
+    assert lines[0] == "Here are example instructions from one dataset:"
+    assert lines[1] == "1. Task 0."
+    assert lines[2].startswith("2. Task ") and lines[3].startswith("3. Task ")
+    assert "Task 0." not in lines[2] + lines[3]
+    again = ExpandTask(native=False, n=1, few_shot=2, seed=5)
+    again.with_batch(pool)
+    assert again.prompts(pool[0]) == task.prompts(pool[0])
+    assert task.template_version == "expand_fewshot.v1"

@@ -35,7 +35,14 @@ def _task(spec: StepSpec, job: JobSpec) -> LLMTask:
     if isinstance(spec, RefineStepSpec):
         return RefineTask(_native(spec, model, is_native_refine_model), spec.output_column)
     if isinstance(spec, ExpandStepSpec):
-        return ExpandTask(_native(spec, model, is_native_expand_model), spec.n)
+        native = _native(spec, model, is_native_expand_model)
+        if native and spec.few_shot:
+            raise JobSpecError(
+                f"Step {spec.step_name!r}: few_shot needs mode: prompted; the native Instruct-Exp "
+                "models take exactly one instruction."
+            )
+        seed = job.engines[spec.engine].sampling.merged(spec.sampling).seed
+        return ExpandTask(native, spec.n, spec.few_shot, seed)
     if isinstance(spec, PairExpandStepSpec):
         seed = job.engines[spec.engine].sampling.merged(spec.sampling).seed
         return PairExpandTask(_native(spec, model, is_native_pair_model), spec.k, spec.n, seed)

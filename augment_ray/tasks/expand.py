@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 from augment_ray.tasks.base import (
@@ -30,16 +31,35 @@ class ExpandTask:
     output_columns = ("instruction",)
     generates_rows = True
 
-    def __init__(self, native: bool, n: int) -> None:
+    def __init__(self, native: bool, n: int, few_shot: int = 0, seed: int = 0) -> None:
         self.native = native
         self.n = n
-        self.template_version = "native" if native else "expand.v1"
+        self.few_shot = few_shot
+        self.seed = seed
+        self.template_version = (
+            "native" if native else "expand_fewshot.v1" if few_shot else "expand.v1"
+        )
+        self._pool: list[Row] = []
+
+    def with_batch(self, rows: list[Row]) -> None:
+        """The rows few-shot examples are drawn from: the live rows of this batch."""
+        self._pool = rows
+
+    def _examples(self, row: Row) -> list[str]:
+        others = [r["instruction"] for r in self._pool if r["id"] != row["id"]]
+        rng = random.Random(f"{self.seed}:{row['id']}")
+        return [row["instruction"], *rng.sample(others, min(self.few_shot, len(others)))]
 
     def prompts(self, row: Row) -> list[Messages]:
         instruction = row["instruction"]
         if self.native:
             # one new instruction per generation: n samples of the same raw-text prompt
             content = instruction
+        elif self.few_shot:
+            examples = "\n".join(f"{i}. {text}" for i, text in
+                                  enumerate(self._examples(row), start=1))
+            template = load_template("expand_fewshot", "v1", detect_language(instruction))
+            content = template.render(examples=examples)
         else:
             template = load_template("expand", "v1", detect_language(instruction))
             content = template.render(instruction=instruction)
