@@ -113,3 +113,11 @@ def test_sampling_override_merges():
     merged = job.engines["small"].sampling.merged(job.steps[0].sampling)
     assert merged.max_tokens == 7
     assert merged.temperature == 0.0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_job_is_valid_and_builds(path):
+    from augment_ray.steps import build_steps
+
+    job = load_job(path)
+    assert [step.name for step in build_steps(job)] == [s.step_name for s in job.steps]
