@@ -18,7 +18,6 @@ from augment_ray.tasks.classify import TASK_CATEGORIES
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "jobs" / "expand_respond.yaml"
 SAMPLE = ROOT / "jobs" / "data" / "self_instruct_seed"
 
 
@@ -36,14 +35,21 @@ def read_folder(path: Path) -> list[dict]:
     return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
 
 
-def test_expand_then_respond_links_every_new_row_to_its_seed(local_ray, tmp_path):
-    seeds = pq.read_table(SAMPLE).slice(0, 3).to_pylist()
+def job_on_seeds(tmp_path: Path, job_file: str, n: int) -> tuple[list[dict], dict]:
+    """The first n sample seeds as one Parquet shard, and the example job's spec (as a dict)
+    pointed at them, writing under tmp_path/out."""
+    seeds = pq.read_table(SAMPLE).slice(0, n).to_pylist()
     source = tmp_path / "in"
     source.mkdir()
     pq.write_table(pa.Table.from_pylist(seeds), source / "part-0.parquet")
-    data = yaml.safe_load(EXAMPLE.read_text())
+    data = yaml.safe_load((ROOT / "jobs" / job_file).read_text())
     data["input"]["uri"] = str(source)
     data["output"]["uri"] = str(tmp_path / "out")
+    return seeds, data
+
+
+def test_expand_then_respond_links_every_new_row_to_its_seed(local_ray, tmp_path):
+    seeds, data = job_on_seeds(tmp_path, "expand_respond.yaml", 3)
     data["engines"]["small"]["batch_size"] = 8
     data["steps"][0]["sampling"]["max_tokens"] = 24
     data["steps"][1]["sampling"]["max_tokens"] = 12
@@ -85,13 +91,7 @@ def test_expand_then_respond_links_every_new_row_to_its_seed(local_ray, tmp_path
 
 
 def test_pair_expand_writes_new_pairs_or_rejects_them_with_the_raw_text(local_ray, tmp_path):
-    seeds = pq.read_table(SAMPLE).slice(0, 3).to_pylist()
-    source = tmp_path / "in"
-    source.mkdir()
-    pq.write_table(pa.Table.from_pylist(seeds), source / "part-0.parquet")
-    data = yaml.safe_load((ROOT / "jobs" / "pair_expand.yaml").read_text())
-    data["input"]["uri"] = str(source)
-    data["output"]["uri"] = str(tmp_path / "out")
+    _, data = job_on_seeds(tmp_path, "pair_expand.yaml", 3)
     data["engines"]["small"]["sampling"]["max_tokens"] = 48
     data["steps"][0]["max_retries"] = 1
 
@@ -112,13 +112,7 @@ def test_pair_expand_writes_new_pairs_or_rejects_them_with_the_raw_text(local_ra
 
 
 def test_classify_then_resample_accounts_for_every_row(local_ray, tmp_path):
-    seeds = pq.read_table(SAMPLE).slice(0, 8).to_pylist()
-    source = tmp_path / "in"
-    source.mkdir()
-    pq.write_table(pa.Table.from_pylist(seeds), source / "part-0.parquet")
-    data = yaml.safe_load((ROOT / "jobs" / "classify_resample.yaml").read_text())
-    data["input"]["uri"] = str(source)
-    data["output"]["uri"] = str(tmp_path / "out")
+    seeds, data = job_on_seeds(tmp_path, "classify_resample.yaml", 8)
 
     summary = run_job(parse_job(data))
 
