@@ -115,7 +115,7 @@ def main() -> None:
 
     rows = load_rows(args.rows)
     task = RefineTask(native=False, output_column="refined_instruction")
-    prompts = [task.prompt(row) for row in rows]
+    prompts = [task.prompts(row)[0] for row in rows]
     workdir = Path(tempfile.mkdtemp(prefix="augment-ray-bench-"))
     cache_dir = str(workdir / "cache")
     try:

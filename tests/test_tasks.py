@@ -14,16 +14,16 @@ ROW = {"instruction": "Write a poem.", "input": None}
 
 
 def test_native_mode_sends_raw_instruction_only():
-    messages = RefineTask(native=True, output_column="r").prompt(ROW)
+    messages = RefineTask(native=True, output_column="r").prompts(ROW)[0]
     assert messages == [{"role": "user", "content": "Write a poem."}]
 
 
 def test_prompted_mode_uses_versioned_template_in_the_input_language():
     task = RefineTask(native=False, output_column="r")
-    english = task.prompt({"instruction": "Write a poem.", "input": "about rain"})[0]["content"]
+    english = task.prompts({"instruction": "Write a poem.", "input": "about rain"})[0][0]["content"]
     assert "Write a poem.\n\nabout rain" in english
     assert "<refined>" in english
-    chinese = task.prompt({"instruction": "写一首关于春天的诗。", "input": None})[0]["content"]
+    chinese = task.prompts({"instruction": "写一首关于春天的诗。", "input": None})[0][0]["content"]
     assert chinese.startswith("请改写下面的指令")
     assert task.template_version == "refine.v1"
 

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import pyarrow as pa
@@ -114,6 +115,10 @@ class LLMTaskRunner:
             "temperature": max(self.sampling.temperature, RETRY_MIN_TEMPERATURE),
         })
 
+    @cache  # noqa: B019 - one runner per actor; a handful of attempts
+    def _sampling_json(self, attempt: int) -> str:
+        return json.dumps(self._sampling(attempt).model_dump(), sort_keys=True)
+
     def _generate(self, rows: dict[int, dict], generations: list[Generation]) -> None:
         pending = generations
         for attempt in range(self.options.max_retries + 1):
@@ -144,8 +149,7 @@ class LLMTaskRunner:
             f"{self.step}_engine": self.engine_name,
             f"{self.step}_model": self.engine.model_name,
             f"{self.step}_template": self.task.template_version,
-            f"{self.step}_sampling": json.dumps(
-                self._sampling(generation.attempts - 1).model_dump(), sort_keys=True),
+            f"{self.step}_sampling": self._sampling_json(generation.attempts - 1),
             f"{self.step}_prompt_tokens": completion.prompt_tokens if completion else None,
             f"{self.step}_completion_tokens": completion.completion_tokens if completion else None,
             f"{self.step}_finish_reason": completion.finish_reason if completion else None,

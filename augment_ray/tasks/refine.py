@@ -25,18 +25,15 @@ class RefineTask:
         self.template_version = "native" if native else "refine.v1"
 
     def prompts(self, row: Row) -> list[Messages]:
-        return [self.prompt(row)]
-
-    def prompt(self, row: Row) -> Messages:
         instruction = row["instruction"]
         if self.native:
             # the native models were trained on the raw instruction as the only user message
-            return [{"role": "user", "content": instruction}]
+            return [[{"role": "user", "content": instruction}]]
         template = load_template("refine", "v1", detect_language(instruction))
         context = row.get("input") or ""
         if context:
             instruction = f"{instruction}\n\n{context}"
-        return [{"role": "user", "content": template.render(instruction=instruction)}]
+        return [[{"role": "user", "content": template.render(instruction=instruction)}]]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         return {self.output_column: answer_text(text, self.TAG, self.native)}
