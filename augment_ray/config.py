@@ -234,6 +234,127 @@ class ResampleStepSpec(StepSpec):
         return value
 
 
+class TextColumnsSpec(StepSpec):
+    """Base for curation steps that compare or score the text of some columns."""
+
+    columns: list[str] = Field(
+        default_factory=lambda: ["instruction", "input"],
+        min_length=1,
+        description="columns whose text is joined (nulls as empty) and compared",
+    )
+
+
+class NormalizeSpec(Spec):
+    """How text is folded before it is compared."""
+
+    unicode: Literal["NFKC", "NFC", "none"] = "NFKC"
+    case: bool = Field(True, description="fold case")
+    whitespace: bool = Field(True, description="collapse runs of whitespace, trim the ends")
+
+
+class DedupExactStepSpec(TextColumnsSpec):
+    """Removes rows whose normalized text equals an earlier row's, across the whole dataset.
+    The keeper of each group is the row with the lowest id. A barrier."""
+
+    kind: Literal["dedup_exact"]
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+
+
+class DedupNearStepSpec(TextColumnsSpec):
+    """Removes near-duplicates with MinHash + LSH across the whole dataset: candidate pairs that
+    share an LSH band, verified by estimated Jaccard, joined transitively into clusters; the row
+    with the lowest id of each cluster is kept. A barrier."""
+
+    kind: Literal["dedup_near"]
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    shingle: Literal["char", "word"] = Field(
+        "char", description="shingles are n-grams of characters or of whitespace-split words"
+    )
+    shingle_size: int = Field(5, gt=0, le=64, description="n of the n-grams")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Jaccard similarity at or above which rows are duplicates"
+    )
+    bands: int | None = Field(
+        None, gt=0, description="LSH bands; with `rows` unset both are chosen from the threshold"
+    )
+    rows: int | None = Field(None, gt=0, description="MinHash values per band")
+    verify: bool = Field(
+        True,
+        description="drop candidate pairs whose estimated Jaccard (from all num_perm values) is "
+        "below the threshold before clustering",
+    )
+    seed: int = Field(1, description="seed of the MinHash permutations")
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> DedupNearStepSpec:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both `bands` and `rows`, or neither")
+        if self.bands is not None and self.rows is not None and \
+                self.bands * self.rows > self.num_perm:
+            raise ValueError(
+                f"bands x rows = {self.bands * self.rows} exceeds num_perm {self.num_perm}"
+            )
+        return self
+
+
+class EvalSetSpec(Spec):
+    """One evaluation set to keep out of the training data."""
+
+    uri: str = Field(description="jsonl or parquet file/folder: local, s3:// or oss://")
+    columns: list[str] = Field(
+        default_factory=lambda: ["question"],
+        min_length=1,
+        description="text columns of the eval rows; list-valued columns (e.g. MT-Bench turns) "
+        "count each item",
+    )
+    name: str | None = Field(None, description="label used in reject details; default: file name")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class DecontaminateStepSpec(TextColumnsSpec):
+    """Rejects rows whose text shares too many word n-grams with an evaluation set."""
+
+    kind: Literal["decontaminate"]
+    eval_sets: list[EvalSetSpec] = Field(min_length=1)
+    columns: list[str] = Field(
+        default_factory=lambda: ["instruction"],
+        min_length=1,
+        description="row columns checked against the eval sets",
+    )
+    ngram: int = Field(8, gt=0, le=64, description="word n-gram size")
+    threshold: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="reject when this share of the row's n-grams appear in one eval item",
+    )
+
+
+class FilterStepSpec(StepSpec):
+    """Heuristic quality filters; each rejected row names the rule it broke."""
+
+    kind: Literal["filter"]
+    instruction_column: str = "instruction"
+    response_column: str = "output"
+    min_chars: int | None = Field(None, ge=0, description="instruction + input, characters")
+    max_chars: int | None = Field(None, gt=0)
+    min_response_chars: int | None = Field(None, ge=0)
+    max_response_chars: int | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0, description="words and punctuation marks")
+    max_tokens: int | None = Field(None, gt=0)
+    max_repeated_ngram_ratio: float | None = Field(
+        0.3, gt=0.0, le=1.0, description="share of word 3-grams that are repeats"
+    )
+    max_non_printable_ratio: float | None = Field(0.1, gt=0.0, le=1.0)
+    refusal_phrases: list[str] | None = Field(
+        None, description="case-insensitive phrases that mark a refusal; default: a built-in list"
+    )
+    reject_refusals: bool = True
+    reject_empty_response: bool = Field(
+        True, description="reject rows whose response is null or blank (if the column exists)"
+    )
+    reject_response_equals_instruction: bool = True
+
+
 class RespondStepSpec(LLMStepSpec):
     """Writes the response to each instruction with a teacher engine (distillation). The row's
     existing response, if any, is kept in `<name>_previous_output`."""
@@ -251,7 +372,11 @@ AnyStepSpec = Annotated[
     | PairExpandStepSpec
     | RespondStepSpec
     | ClassifyTaskStepSpec
-    | ResampleStepSpec,
+    | ResampleStepSpec
+    | DedupExactStepSpec
+    | DedupNearStepSpec
+    | DecontaminateStepSpec
+    | FilterStepSpec,
     Field(discriminator="kind"),
 ]
 
@@ -309,7 +434,10 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source} is not a valid job: " + "; ".join(problems) + "."
 
 
-_STEP_KINDS = {"refine", "expand", "pair_expand", "respond", "classify_task", "resample"}
+_STEP_KINDS = {
+    "refine", "expand", "pair_expand", "respond", "classify_task", "resample",
+    "dedup_exact", "dedup_near", "decontaminate", "filter",
+}
 
 
 def parse_job(data: Any, source: str = "job") -> JobSpec:

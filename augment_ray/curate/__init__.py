@@ -1,0 +1,1 @@
+"""Curation primitives: text keys, MinHash, hash shuffles and clustering on Ray blocks."""

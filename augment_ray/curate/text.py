@@ -1,0 +1,55 @@
+"""The text a curation step compares: chosen columns joined, then folded (vectorized pyarrow)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from augment_ray.config import NormalizeSpec
+from augment_ray.errors import InputDataError
+
+COLUMN_SEPARATOR = "\n"
+
+
+def text_columns(table: pa.Table, columns: list[str], step: str) -> list[pa.ChunkedArray]:
+    """The named columns as strings; a missing or non-text column is a clear error."""
+    arrays = []
+    for name in columns:
+        if name not in table.column_names:
+            raise InputDataError(
+                f"Step {step!r} compares column {name!r}, but the rows have no such column "
+                f"(they have: {', '.join(table.column_names)}). Fix `steps[].columns`."
+            )
+        column = table[name]
+        if pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
+            column = column.cast(pa.string())
+        if not pa.types.is_string(column.type):
+            raise InputDataError(
+                f"Step {step!r} compares column {name!r}, which holds {column.type}, not text."
+            )
+        arrays.append(column)
+    return arrays
+
+
+def fold(text: pa.ChunkedArray | pa.Array, spec: NormalizeSpec) -> pa.ChunkedArray | pa.Array:
+    if spec.unicode != "none":
+        text = pc.utf8_normalize(text, form=spec.unicode)
+    if spec.case:
+        text = pc.utf8_lower(text)
+    if spec.whitespace:
+        text = pc.utf8_trim_whitespace(pc.replace_substring_regex(text, r"\s+", " "))
+    return text
+
+
+def joined_text(table: pa.Table, columns: list[str], spec: NormalizeSpec,
+                step: str) -> pa.Array:
+    """One folded string per row: the columns joined by a newline, nulls read as empty."""
+    arrays = [pc.fill_null(a, "") for a in text_columns(table, columns, step)]
+    if len(arrays) == 1:
+        joined = arrays[0]
+    else:
+        joined = pc.binary_join_element_wise(*arrays, COLUMN_SEPARATOR)
+    out = fold(joined, spec)
+    if isinstance(out, pa.ChunkedArray):
+        out = out.combine_chunks() if out.num_chunks else pa.array([], pa.string())
+    return out
