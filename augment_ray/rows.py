@@ -29,23 +29,27 @@ RESERVED = frozenset(LINEAGE + REJECT_COLUMNS)
 INPUT_STEP = "input"
 
 
-def content_id(values: Sequence[str | None], occurrence: int = 0) -> str:
-    """16 hex chars of SHA-256 over the row's text; the n-th exact repeat within one input
-    shard (n >= 1) is salted with n, so identical rows stay distinct and stable across reruns."""
+def content_id(values: Sequence[str | None], occurrence: int = 0, shard: str = "") -> str:
+    """16 hex chars of SHA-256 over the row's text, salted with the input shard's name (its
+    path under the input URI) and, for the n-th exact repeat within that shard (n >= 1), with
+    n: identical rows get distinct ids, stable across reruns, which dedup relies on."""
     payload = json.dumps(list(values), ensure_ascii=False)
+    if shard:
+        payload += f"\x1e{shard}"
     if occurrence:
         payload += f"\x1f{occurrence}"
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def content_ids(columns: Sequence[Sequence[str | None]], seen: Counter[str]) -> list[str]:
+def content_ids(columns: Sequence[Sequence[str | None]], seen: Counter[str],
+                shard: str = "") -> list[str]:
     """Ids for a batch of rows; `seen` carries repeat counts across batches of one shard."""
     ids = []
     for values in zip(*columns, strict=False):
-        key = content_id(values)
+        key = content_id(values, 0, shard)
         occurrence = seen[key]
         seen[key] += 1
-        ids.append(content_id(values, occurrence) if occurrence else key)
+        ids.append(content_id(values, occurrence, shard) if occurrence else key)
     return ids
 
 

@@ -86,6 +86,13 @@ def list_input_shards(spec: InputSpec) -> list[InputShard]:
     return sorted(shards, key=lambda shard: shard.path)
 
 
+def shard_name(loc: Location, path: str) -> str:
+    """The shard's path under the input URI (its file name for a single-file input): part of
+    content ids, so they survive moving the dataset to another bucket or folder."""
+    root = loc.path.rstrip("/") + "/"
+    return path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+
+
 def read_shard_batches(loc: Location, shard: InputShard) -> Iterator[pa.Table]:
     try:
         if shard.format == "parquet":
@@ -154,7 +161,8 @@ class ShardNormalizer:
                     f"map it in input.columns or rename it."
                 )
 
-    def normalize(self, table: pa.Table, where: str, seen: Counter[str]) -> pa.Table:
+    def normalize(self, table: pa.Table, where: str, seen: Counter[str],
+                  shard: str = "") -> pa.Table:
         self.check_schema(table.schema, where)
         texts: dict[str, pa.ChunkedArray] = {}
         for canonical, source in self.mapping.items():
@@ -166,7 +174,7 @@ class ShardNormalizer:
         id_source = self.spec.columns.id
         if id_source not in table.column_names:
             id_source = None
-        generated = content_ids([texts[c].to_pylist() for c in CANONICAL_TEXT], seen)
+        generated = content_ids([texts[c].to_pylist() for c in CANONICAL_TEXT], seen, shard)
         if id_source is not None:
             given = table[id_source].cast(pa.string()).to_pylist()
             consumed.add(id_source)
@@ -221,7 +229,7 @@ def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
         where = _display(loc, path)
         for table in read_shard_batches(loc, InputShard(path, fmt)):
             if len(table):
-                yield normalizer.normalize(table, where, seen)
+                yield normalizer.normalize(table, where, seen, shard_name(loc, path))
 
 
 def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:

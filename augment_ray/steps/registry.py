@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from augment_ray.config import (
     ClassifyTaskStepSpec,
+    DedupExactStepSpec,
+    DedupNearStepSpec,
     ExpandStepSpec,
     JobSpec,
     LLMStepSpec,
@@ -16,6 +18,7 @@ from augment_ray.config import (
 )
 from augment_ray.errors import JobSpecError
 from augment_ray.steps.base import Step
+from augment_ray.steps.dedup import DedupExactStep, DedupNearStep
 from augment_ray.steps.llm import LLMStep, RunOptions
 from augment_ray.steps.resample import ResampleStep
 from augment_ray.tasks.base import LLMTask
@@ -56,6 +59,10 @@ def _task(spec: StepSpec, job: JobSpec) -> LLMTask:
 def build_step(spec: StepSpec, job: JobSpec) -> Step:
     if isinstance(spec, ResampleStepSpec):
         return ResampleStep(spec.step_name, spec.by, spec.targets, spec.seed)
+    if isinstance(spec, DedupExactStepSpec):
+        return DedupExactStep(spec)
+    if isinstance(spec, DedupNearStepSpec):
+        return DedupNearStep(spec)
     if not isinstance(spec, LLMStepSpec):
         raise ValueError(f"no builder for step kind {spec.kind!r}")
     engine = job.engines[spec.engine]
