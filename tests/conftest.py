@@ -118,3 +118,15 @@ def local_s3() -> Iterator[LocalS3]:
 
 
 # ==== end local_s3 ==============================================================================
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A private 2-CPU Ray for one test module (like the CI machine)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
