@@ -31,7 +31,9 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
+	$(PIP) install -e '.[dev,bench]'
 	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/dedup.py
 
 clean:
 	rm -rf $(VENV) out

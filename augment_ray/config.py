@@ -305,54 +305,128 @@ class EvalSetSpec(Spec):
     columns: list[str] = Field(
         default_factory=lambda: ["question"],
         min_length=1,
-        description="text columns of the eval rows; list-valued columns (e.g. MT-Bench turns) "
-        "count each item",
+        description="text columns of the eval rows; a list-valued column (e.g. MT-Bench turns) "
+        "gives one text per element, all belonging to that eval row",
     )
-    name: str | None = Field(None, description="label used in reject details; default: file name")
+    name: str | None = Field(
+        None, description="label used in reject details; default: file or folder name "
+        "without extension"
+    )
+    id_column: str | None = Field(
+        None, description="column whose value names an eval row in reject details; "
+        "default: the row's 0-based position in the set (files in sorted order)"
+    )
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        last = self.uri.rstrip("/").rsplit("/", 1)[-1]
+        return last.split(".", 1)[0] or last
 
 
 class DecontaminateStepSpec(TextColumnsSpec):
-    """Rejects rows whose text shares too many word n-grams with an evaluation set."""
+    """Rejects rows whose text shares too many word n-grams with one item of an evaluation
+    set."""
 
     kind: Literal["decontaminate"]
-    eval_sets: list[EvalSetSpec] = Field(min_length=1)
+    eval_sets: list[EvalSetSpec] = Field(min_length=1, description="the sets to check against")
     columns: list[str] = Field(
         default_factory=lambda: ["instruction"],
         min_length=1,
-        description="row columns checked against the eval sets",
+        description="row columns checked against the eval sets (joined, nulls as empty)",
     )
     ngram: int = Field(8, gt=0, le=64, description="word n-gram size")
     threshold: float = Field(
         0.5, gt=0.0, le=1.0,
-        description="reject when this share of the row's n-grams appear in one eval item",
+        description="reject when at least this share of the row's distinct n-grams appear in "
+        "one eval item",
     )
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _distinct_labels(cls, value: list[EvalSetSpec]) -> list[EvalSetSpec]:
+        labels = [eval_set.label for eval_set in value]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(
+                f"eval set name {', '.join(map(repr, repeated))} is used twice; give the sets "
+                "distinct `name`s"
+            )
+        return value
 
 
 class FilterStepSpec(StepSpec):
-    """Heuristic quality filters; each rejected row names the rule it broke."""
+    """Heuristic quality filters; each rejected row names the rule it broke (the first one in
+    curate.filters.RULE_ORDER)."""
 
     kind: Literal["filter"]
-    instruction_column: str = "instruction"
-    response_column: str = "output"
-    min_chars: int | None = Field(None, ge=0, description="instruction + input, characters")
-    max_chars: int | None = Field(None, gt=0)
-    min_response_chars: int | None = Field(None, ge=0)
-    max_response_chars: int | None = Field(None, gt=0)
-    min_tokens: int | None = Field(None, ge=0, description="words and punctuation marks")
-    max_tokens: int | None = Field(None, gt=0)
-    max_repeated_ngram_ratio: float | None = Field(
-        0.3, gt=0.0, le=1.0, description="share of word 3-grams that are repeats"
+    instruction_column: str = Field(
+        "instruction", description="the prompt; e.g. refined_instruction after a refine step"
     )
-    max_non_printable_ratio: float | None = Field(0.1, gt=0.0, le=1.0)
+    response_column: str = Field(
+        "output", description="the answer; response rules are skipped when rows have no such "
+        "column (or, for `output`, when neither the input nor an earlier step provides it)"
+    )
+    min_chars: int | None = Field(
+        None, ge=0, description="fewest characters of instruction + input"
+    )
+    max_chars: int | None = Field(None, gt=0, description="most characters of instruction + input")
+    min_response_chars: int | None = Field(
+        None, ge=0, description="fewest characters of the response"
+    )
+    max_response_chars: int | None = Field(
+        None, gt=0, description="most characters of the response"
+    )
+    min_tokens: int | None = Field(
+        None, ge=0,
+        description="fewest tokens of instruction + input + response; a token is a word or "
+        "one punctuation mark (a regex count, not a model tokenizer)",
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="most tokens of instruction + input + response"
+    )
+    max_repeated_ngram_ratio: float | None = Field(
+        0.3, gt=0.0, le=1.0,
+        description="most share of word 3-grams that repeat an earlier 3-gram of the same text "
+        "(instruction and response checked separately); null turns the rule off",
+    )
+    max_non_printable_ratio: float | None = Field(
+        0.1, gt=0.0, le=1.0,
+        description="most share of control, private-use and U+FFFD characters in the row's "
+        "text; null turns the rule off",
+    )
     refusal_phrases: list[str] | None = Field(
         None, description="case-insensitive phrases that mark a refusal; default: a built-in list"
     )
-    reject_refusals: bool = True
+    reject_refusals: bool = Field(
+        True, description="reject rows whose response contains a refusal phrase"
+    )
     reject_empty_response: bool = Field(
         True, description="reject rows whose response is null or blank (if the column exists)"
     )
-    reject_response_equals_instruction: bool = True
+    reject_response_equals_instruction: bool = Field(
+        True, description="reject rows whose response equals the instruction after folding "
+        "(NFKC, case, whitespace)"
+    )
+
+    @field_validator("refusal_phrases")
+    @classmethod
+    def _no_blank_phrase(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not phrase.strip() for phrase in value):
+            raise ValueError("a blank phrase would match every response; remove it")
+        return value
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> FilterStepSpec:
+        for low, high in (("min_chars", "max_chars"),
+                          ("min_response_chars", "max_response_chars"),
+                          ("min_tokens", "max_tokens")):
+            low_value, high_value = getattr(self, low), getattr(self, high)
+            if low_value is not None and high_value is not None and low_value > high_value:
+                raise ValueError(f"{low} {low_value} is above {high} {high_value}")
+        return self
 
 
 class RespondStepSpec(LLMStepSpec):

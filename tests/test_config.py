@@ -63,7 +63,8 @@ def test_unknown_step_engine_lists_known_engines():
 
 def test_unknown_step_kind():
     message = error_of(minimal(steps=[{"kind": "refin", "engine": "small"}]))
-    expected = "classify_task, expand, pair_expand, refine, resample, respond"
+    expected = ("classify_task, decontaminate, dedup_exact, dedup_near, expand, filter, "
+                "pair_expand, refine, resample, respond")
     assert f"steps[0]: unknown step kind; expected one of: {expected}" in message
 
 

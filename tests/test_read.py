@@ -46,6 +46,16 @@ def test_content_ids_are_stable_and_repeats_distinct():
     assert len(set(first)) == 3
 
 
+def test_content_ids_differ_across_shards_for_the_same_rows():
+    table = pa.table({"instruction": ["same", "same"]})
+    normalizer = ShardNormalizer(InputSpec(uri="x"))
+    first = normalizer.normalize(table, "a", Counter(), "part-0.parquet")["id"].to_pylist()
+    second = normalizer.normalize(table, "b", Counter(), "part-1.parquet")["id"].to_pylist()
+    assert len(set(first + second)) == 4  # global dedup keeps the lowest id: ids must be unique
+    again = normalizer.normalize(table, "a", Counter(), "part-0.parquet")["id"].to_pylist()
+    assert again == first
+
+
 def test_given_ids_are_kept_and_null_ids_filled():
     table = pa.table({"instruction": ["a", "b"], "id": [7, None]})
     ids = normalize(table)["id"].to_pylist()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from augment_ray.config import (
     ClassifyTaskStepSpec,
+    DecontaminateStepSpec,
     DedupExactStepSpec,
     DedupNearStepSpec,
     ExpandStepSpec,
+    FilterStepSpec,
     JobSpec,
     LLMStepSpec,
     PairExpandStepSpec,
@@ -18,7 +20,9 @@ from augment_ray.config import (
 )
 from augment_ray.errors import JobSpecError
 from augment_ray.steps.base import Step
+from augment_ray.steps.decontaminate import DecontaminateStep
 from augment_ray.steps.dedup import DedupExactStep, DedupNearStep
+from augment_ray.steps.filter import RESPONSE_WRITERS, FilterStep
 from augment_ray.steps.llm import LLMStep, RunOptions
 from augment_ray.steps.resample import ResampleStep
 from augment_ray.tasks.base import LLMTask
@@ -56,9 +60,21 @@ def _task(spec: StepSpec, job: JobSpec) -> LLMTask:
     raise ValueError(f"no builder for step kind {spec.kind!r}")
 
 
+def _steps_before(spec: StepSpec, job: JobSpec) -> list[StepSpec]:
+    for index, step in enumerate(job.steps):
+        if step is spec:
+            return list(job.steps[:index])
+    return list(job.steps)
+
+
 def build_step(spec: StepSpec, job: JobSpec) -> Step:
     if isinstance(spec, ResampleStepSpec):
         return ResampleStep(spec.step_name, spec.by, spec.targets, spec.seed)
+    if isinstance(spec, FilterStepSpec):
+        writes_response = any(s.kind in RESPONSE_WRITERS for s in _steps_before(spec, job))
+        return FilterStep(spec, job.input, response_written_before=writes_response)
+    if isinstance(spec, DecontaminateStepSpec):
+        return DecontaminateStep(spec)
     if isinstance(spec, DedupExactStepSpec):
         return DedupExactStep(spec)
     if isinstance(spec, DedupNearStepSpec):
