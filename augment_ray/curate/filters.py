@@ -79,9 +79,14 @@ def _chars(text: pa.Array) -> np.ndarray:
     return _numpy(pc.fill_null(pc.utf8_length(text), 0)).astype(np.int64)
 
 
-def fold_phrase_text(text: pa.Array) -> pa.Array:
-    """Fold for phrase matching: NFKC, lower case, whitespace, typographic apostrophes as '."""
-    return pc.replace_substring_regex(fold(text, _FOLD), APOSTROPHES, "'")
+def fold_text(text: pa.Array) -> pa.Array:
+    """What the content rules compare: NFKC, lower case, whitespace collapsed; null as empty."""
+    return fold(pc.fill_null(text, ""), _FOLD)
+
+
+def fold_phrase_text(folded: pa.Array) -> pa.Array:
+    """Folded text with typographic apostrophes read as ', for phrase matching."""
+    return pc.replace_substring_regex(folded, APOSTROPHES, "'")
 
 
 def empty_response(response: pa.Array) -> RuleResult:
@@ -93,9 +98,9 @@ def empty_response(response: pa.Array) -> RuleResult:
     )
 
 
-def response_equals_instruction(instruction: pa.Array, response: pa.Array) -> RuleResult:
-    folded_response = fold(pc.fill_null(response, ""), _FOLD)
-    same = pc.and_(pc.equal(fold(pc.fill_null(instruction, ""), _FOLD), folded_response),
+def response_equals_instruction(folded_instruction: pa.Array,
+                                folded_response: pa.Array) -> RuleResult:
+    same = pc.and_(pc.equal(folded_instruction, folded_response),
                    pc.not_equal(folded_response, ""))  # a blank response is empty_response's
     return RuleResult(
         failed=_numpy(same).astype(bool),
@@ -104,13 +109,13 @@ def response_equals_instruction(instruction: pa.Array, response: pa.Array) -> Ru
     )
 
 
-def refusal(response: pa.Array, phrases: Sequence[str]) -> RuleResult:
+def refusal(folded_response: pa.Array, phrases: Sequence[str]) -> RuleResult:
     """The first phrase (in list order) found anywhere in the folded response."""
-    folded_response = fold_phrase_text(pc.fill_null(response, ""))
-    folded_phrases = fold_phrase_text(pa.array(list(phrases), pa.string())).to_pylist()
+    response = fold_phrase_text(folded_response)
+    folded_phrases = fold_phrase_text(fold_text(pa.array(list(phrases), pa.string())))
     first = np.full(len(response), -1, np.int64)
-    for index, phrase in enumerate(folded_phrases):
-        found = _numpy(pc.match_substring(folded_response, phrase)).astype(bool)
+    for index, phrase in enumerate(folded_phrases.to_pylist()):
+        found = _numpy(pc.match_substring(response, phrase)).astype(bool)
         first[(first < 0) & found] = index
     return RuleResult(
         failed=first >= 0,
@@ -131,10 +136,11 @@ def non_printable(texts: Sequence[pa.Array], max_ratio: float) -> RuleResult:
     )
 
 
-def repeated_ngram_counts(text: pa.Array, n: int = REPEAT_NGRAM) -> tuple[np.ndarray, np.ndarray]:
-    """(word n-grams, those repeating an earlier n-gram of the same text) per row, after
-    folding; a text of fewer than n words has none."""
-    words = split_words(fold(pc.fill_null(text, ""), _FOLD))
+def repeated_ngram_counts(folded: pa.Array,
+                          n: int = REPEAT_NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """(word n-grams, those repeating an earlier n-gram of the same text) per row of folded
+    text; a text of fewer than n words has none."""
+    words = split_words(folded)
     grams, rows = ngram_hashes(words, n, whole_if_shorter=False)
     total = np.bincount(rows, minlength=words.rows)
     _, distinct_rows = distinct_per_row(grams, rows)
@@ -143,7 +149,7 @@ def repeated_ngram_counts(text: pa.Array, n: int = REPEAT_NGRAM) -> tuple[np.nda
 
 
 def repeated_ngrams(named_texts: dict[str, pa.Array], max_ratio: float) -> RuleResult:
-    """Fails a row when any of its texts (checked in the given order) repeats more than
+    """Fails a row when any of its folded texts (checked in the given order) repeats more than
     max_ratio of its word 3-grams."""
     rows = len(next(iter(named_texts.values())))
     worst = np.full(rows, -1, np.int64)
@@ -198,6 +204,14 @@ class RowTexts:
         return self.prompt_parts + ([self.response] if self.response is not None else [])
 
     @cached_property
+    def folded_instruction(self) -> pa.Array:
+        return fold_text(self.instruction)
+
+    @cached_property
+    def folded_response(self) -> pa.Array:
+        return fold_text(self.response)
+
+    @cached_property
     def prompt_chars(self) -> np.ndarray:
         return sum(_chars(t) for t in self.prompt_parts)
 
@@ -221,9 +235,9 @@ def enabled_rules(spec: FilterStepSpec, with_response: bool) -> dict[str, Rule]:
         "empty_response": (lambda t: empty_response(t.response))
         if spec.reject_empty_response else None,
         "response_equals_instruction": (
-            lambda t: response_equals_instruction(t.instruction, t.response))
+            lambda t: response_equals_instruction(t.folded_instruction, t.folded_response))
         if spec.reject_response_equals_instruction else None,
-        "refusal": (lambda t: refusal(t.response, phrases))
+        "refusal": (lambda t: refusal(t.folded_response, phrases))
         if spec.reject_refusals and phrases else None,
         "non_printable": (lambda t: non_printable(t.all_parts, spec.max_non_printable_ratio))
         if spec.max_non_printable_ratio is not None else None,
@@ -252,9 +266,9 @@ def _limit(check: Callable[..., RuleResult], measure: str, limit: int | None, un
 
 
 def _repeat_texts(texts: RowTexts) -> dict[str, pa.Array]:
-    named = {"instruction": texts.instruction}
+    named = {"instruction": texts.folded_instruction}
     if texts.response is not None:
-        named["response"] = texts.response
+        named["response"] = texts.folded_response
     return named
 
 
