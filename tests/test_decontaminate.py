@@ -30,8 +30,8 @@ from augment_ray.curate.decontaminate import (
     build_index,
     decontaminate_table,
 )
+from augment_ray.curate.hashing import hash64
 from augment_ray.curate.text import fold
-from augment_ray.curate.words import hash_strings
 from augment_ray.errors import InputDataError, JobSpecError, StorageError
 from augment_ray.pipeline import run_job
 from augment_ray.steps.decontaminate import DecontaminateStep
@@ -244,7 +244,7 @@ def test_hashes_do_not_depend_on_python_hash_salt(tmp_path):
     import hashlib
 
     digest = hashlib.blake2b(b"duck", digest_size=8).digest()
-    assert hash_strings(["duck"])[0] == int.from_bytes(digest, "little")
+    assert hash64(["duck"])[0] == int.from_bytes(digest, "little")
     script = ("import numpy as np, pyarrow as pa\n"
               "from augment_ray.curate.decontaminate import text_ngrams\n"
               f"g, _ = text_ngrams(pa.array([{KYLAR!r}]), 8)\n"

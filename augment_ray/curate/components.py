@@ -6,13 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from augment_ray.curate.hashing import as_array
+
 KEEPER_SCHEMA = pa.schema([("id", pa.string()), ("keeper", pa.string())])
-
-
-def _flat(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
-    return values
 
 
 def components(a: pa.Array | pa.ChunkedArray, b: pa.Array | pa.ChunkedArray) -> pa.Table:
@@ -21,7 +17,7 @@ def components(a: pa.Array | pa.ChunkedArray, b: pa.Array | pa.ChunkedArray) -> 
     spreads the smaller label over every edge, then shortcuts label chains."""
     if len(a) == 0:
         return KEEPER_SCHEMA.empty_table()
-    a, b = _flat(a), _flat(b)
+    a, b = as_array(a), as_array(b)
     both = pa.concat_arrays([a, b])
     nodes = pc.unique(both)
     nodes = nodes.take(pc.sort_indices(nodes))  # index order == id order, so min label == min id

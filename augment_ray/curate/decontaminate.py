@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from augment_ray.config import EvalSetSpec, InputSpec, NormalizeSpec
+from augment_ray.curate.hashing import as_array, ngram_hashes
 from augment_ray.curate.text import fold, joined_text, text_columns
 from augment_ray.curate.verdicts import live_positions, reject_at
-from augment_ray.curate.words import distinct_per_row, ngram_hashes, split_words
+from augment_ray.curate.words import distinct_per_row, split_words
 from augment_ray.errors import AugmentRayError, InputDataError
 from augment_ray.io.read import list_input_shards, read_shard_batches
 from augment_ray.storage import location
@@ -76,8 +77,7 @@ def column_texts(table: pa.Table, column: str, where: str, set_name: str,
             f"Step {step!r}: eval set {set_name!r} has no column {column!r} in {where} (its "
             f"columns are: {', '.join(table.column_names)}). Fix `eval_sets[].columns`."
         )
-    values = table[column].combine_chunks() if table[column].num_chunks else pa.array(
-        [], pa.string())
+    values = as_array(table[column])
     kind = values.type
     if pa.types.is_dictionary(kind):
         values, kind = values.cast(kind.value_type), kind.value_type
@@ -145,7 +145,7 @@ def item_labels(table: pa.Table, spec: EvalSetSpec, first: int, where: str,
 def text_ngrams(texts: pa.Array | pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(hash, text position) of each distinct n-gram of each folded text."""
     words = split_words(fold(texts, _FOLD))
-    return distinct_per_row(*ngram_hashes(words, n, whole_if_shorter=True))
+    return distinct_per_row(*ngram_hashes(words.hashes, words.offsets, n, whole_if_shorter=True))
 
 
 def build_index(specs: list[EvalSetSpec], n: int,
@@ -202,7 +202,8 @@ class Matches:
 def best_matches(index: NgramIndex, text: pa.Array) -> Matches:
     """Score folded texts against the index."""
     words = split_words(text)
-    grams, rows = distinct_per_row(*ngram_hashes(words, index.n, whole_if_shorter=True))
+    grams, rows = distinct_per_row(*ngram_hashes(words.hashes, words.offsets, index.n,
+                                                   whole_if_shorter=True))
     grams_per_row = np.bincount(rows, minlength=words.rows)
     shared = np.zeros(words.rows, np.int64)
     item = np.full(words.rows, -1, np.int64)

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from augment_ray.config import FilterStepSpec, NormalizeSpec
+from augment_ray.curate.hashing import as_array, ngram_hashes
 from augment_ray.curate.text import fold, text_columns
 from augment_ray.curate.verdicts import live_positions, reject_at
-from augment_ray.curate.words import distinct_per_row, ngram_hashes, split_words, token_counts
+from augment_ray.curate.words import distinct_per_row, split_words, token_counts
 from augment_ray.errors import InputDataError
 
 RULE_ORDER = (
@@ -141,7 +142,7 @@ def repeated_ngram_counts(folded: pa.Array,
     """(word n-grams, those repeating an earlier n-gram of the same text) per row of folded
     text; a text of fewer than n words has none."""
     words = split_words(folded)
-    grams, rows = ngram_hashes(words, n, whole_if_shorter=False)
+    grams, rows = ngram_hashes(words.hashes, words.offsets, n, whole_if_shorter=False)
     total = np.bincount(rows, minlength=words.rows)
     _, distinct_rows = distinct_per_row(grams, rows)
     distinct = np.bincount(distinct_rows, minlength=words.rows)
@@ -301,7 +302,7 @@ def _required_column(table: pa.Table, name: str, step: str) -> pa.Array:
 
 def _text(table: pa.Table, name: str, step: str) -> pa.Array:
     [column] = text_columns(table, [name], step)
-    return column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
+    return as_array(column)
 
 
 def row_texts(table: pa.Table, spec: FilterStepSpec, step: str,

@@ -1,42 +1,26 @@
 """MinHash signatures and LSH band keys, vectorized over a whole batch with numpy.
 
 Shingles are hashed without a Python loop per shingle: the batch's folded text becomes one array
-of code points, words are hashed by a polynomial over their code points (np.add.reduceat), and an
-n-gram's hash mixes its n unit hashes. Arithmetic is mod 2**64 (numpy uint64 wraps), which keeps
-every hash deterministic across processes, unlike Python's salted hash().
+of code points (or of word hashes, curate.words), and an n-gram's hash chains its n units
+(curate.hashing.ngram_hashes), deterministic across processes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import pyarrow as pa
 
-_MASK32 = np.uint64(0xFFFFFFFF)
-_SPACE = 32
+from augment_ray.curate.hashing import mix64, ngram_hashes
+from augment_ray.curate.words import split_words
+
 # Odd 64-bit constants (from splitmix64 / golden ratio) for mixing.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_UNIT_BASE = np.uint64(0x100000001B3)
 # Shingles hashed per chunk: bounds the (shingles x num_perm) uint64 matrix to ~2 MiB, which
 # stays in cache: measured 2.7x faster than 32 MiB chunks.
 _CHUNK_CELLS = 250_000
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: spreads every input bit over the output."""
-    with np.errstate(over="ignore"):
-        x = x.astype(np.uint64, copy=True)
-        x ^= x >> np.uint64(30)
-        x *= _MIX1
-        x ^= x >> np.uint64(27)
-        x *= _MIX2
-        x ^= x >> np.uint64(31)
-    return x
 
 
 def code_points(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -51,77 +35,14 @@ def code_points(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return points, offsets
 
 
-def _word_units(points: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hash of every space-separated word, and word offsets per row. Texts are folded, so words
-    are separated by single spaces; a row boundary also ends a word."""
-    n = len(points)
-    if n == 0:
-        return np.zeros(0, np.uint64), np.zeros(len(offsets), np.int64)
-    is_space = points == _SPACE
-    row_start = np.zeros(n, dtype=bool)
-    row_start[offsets[:-1][offsets[:-1] < n]] = True
-    prev_space = np.concatenate([[True], is_space[:-1]])
-    starts_word = ~is_space & (prev_space | row_start)
-    word_id = np.cumsum(starts_word) - 1  # word index of each code point
-    keep = ~is_space
-    word_starts = np.flatnonzero(starts_word)
-    # position of each kept code point inside its word -> polynomial hash per word
-    kept_idx = np.flatnonzero(keep)
-    pos = kept_idx - word_starts[word_id[kept_idx]]
-    powers = _powers(int(pos.max()) + 1 if len(pos) else 1)
-    with np.errstate(over="ignore"):
-        contrib = (points[kept_idx].astype(np.uint64) + np.uint64(1)) * powers[pos]
-    words = np.zeros(len(word_starts), dtype=np.uint64)
-    np.add.at(words, word_id[kept_idx], contrib)
-    words = mix64(words)
-    word_offsets = np.searchsorted(word_starts, offsets, side="left").astype(np.int64)
-    return words, word_offsets
-
-
-@cache
-def _powers_cached(length: int) -> np.ndarray:
-    powers = np.empty(length, dtype=np.uint64)
-    value = 1
-    for i in range(length):
-        powers[i] = value
-        value = (value * int(_UNIT_BASE)) % 2**64
-    return powers
-
-
-def _powers(length: int) -> np.ndarray:
-    return _powers_cached(1 << max(4, math.ceil(math.log2(max(length, 1)))))[:length]
-
-
-def ngram_hashes(units: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hash of every n-gram of units within each row -> (hashes, row of each hash). A row with
-    fewer than n units (but at least one) gives one shingle of all its units."""
-    lengths = np.diff(offsets)
-    counts = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
-    rows = np.repeat(np.arange(len(lengths)), counts)
-    if len(rows) == 0:
-        return np.zeros(0, np.uint64), rows
-    starts = offsets[:-1][rows] + (np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts,
-                                                                    counts))
-    ends = offsets[1:][rows]
-    padded = np.concatenate([units.astype(np.uint64), np.zeros(n, np.uint64)])
-    short = starts + n > ends  # only rows with fewer than n units have cut windows
-    acc = np.full(len(rows), np.uint64(n), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            value = padded[starts + k] + np.uint64(1)
-            if short.any():
-                value[short & (starts + k >= ends)] = 0
-            acc = acc * _UNIT_BASE + value
-    return mix64(acc), rows
-
-
 def shingle_hashes(texts: pa.Array, unit: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    points, offsets = code_points(texts)
+    """(hash, row) of every char or word n-gram of each (folded) text; see curate.words for
+    what a word is."""
     if unit == "word":
-        units, unit_offsets = _word_units(points, offsets)
-    else:
-        units, unit_offsets = points, offsets
-    return ngram_hashes(units, unit_offsets, n)
+        words = split_words(texts)
+        return ngram_hashes(words.hashes, words.offsets, n)
+    points, offsets = code_points(texts)
+    return ngram_hashes(points, offsets, n)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ all rows of its keys at once and works on them with Arrow/numpy. The driver hold
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -16,15 +15,6 @@ import pyarrow as pa
 import ray
 
 ReduceFn = Callable[..., pa.Table]
-
-
-def hash64(values: Sequence[str | bytes | None]) -> np.ndarray:
-    """Deterministic 64-bit hash of each value (blake2b), as uint64."""
-    out = np.empty(len(values), dtype=np.uint64)
-    for i, value in enumerate(values):
-        data = value.encode("utf-8") if isinstance(value, str) else (value or b"")
-        out[i] = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-    return out
 
 
 def split_by_key(table: pa.Table, key: str, parts: int) -> list[pa.Table]:

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from augment_ray.config import NormalizeSpec
+from augment_ray.curate.hashing import as_array
 from augment_ray.errors import InputDataError
 
 COLUMN_SEPARATOR = "\n"
@@ -49,7 +50,4 @@ def joined_text(table: pa.Table, columns: list[str], spec: NormalizeSpec,
         joined = arrays[0]
     else:
         joined = pc.binary_join_element_wise(*arrays, COLUMN_SEPARATOR)
-    out = fold(joined, spec)
-    if isinstance(out, pa.ChunkedArray):
-        out = out.combine_chunks() if out.num_chunks else pa.array([], pa.string())
-    return out
+    return as_array(fold(joined, spec))

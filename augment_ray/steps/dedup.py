@@ -27,7 +27,8 @@ import ray.data
 from augment_ray.config import DedupExactStepSpec, DedupNearStepSpec, NormalizeSpec
 from augment_ray.curate import minhash
 from augment_ray.curate.components import KEEPER_SCHEMA, components
-from augment_ray.curate.shuffle import hash64, hash_shuffle, parts_for
+from augment_ray.curate.hashing import as_array, hash64
+from augment_ray.curate.shuffle import hash_shuffle, parts_for
 from augment_ray.curate.text import joined_text
 from augment_ray.errors import InputDataError
 from augment_ray.rows import ID, live_mask, reject, set_column
@@ -205,20 +206,14 @@ def _count_rows(table: pa.Table) -> int:
 # ---------------------------------------------------------------------------- marking
 
 
-def _flat(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(values, pa.ChunkedArray):
-        return values.combine_chunks() if values.num_chunks else pa.array([], values.type)
-    return values
-
-
 def mark_duplicates(block: pa.Table, keepers: pa.Table, step: str, reason: str) -> pa.Table:
     """Reject live rows listed in `keepers`, naming the kept row; adds `<step>_duplicate_of`."""
     column = f"{step}_duplicate_of"
     if keepers.num_rows == 0 or block.num_rows == 0:
         return set_column(block, column, pa.nulls(block.num_rows, pa.string()))
-    where = _flat(pc.index_in(block[ID], value_set=_flat(keepers["id"])))
-    dup = _flat(pc.and_(pc.is_valid(where), live_mask(block)))
-    kept = pc.if_else(dup, _flat(keepers["keeper"]).take(pc.fill_null(where, 0)),
+    where = as_array(pc.index_in(block[ID], value_set=as_array(keepers["id"])))
+    dup = as_array(pc.and_(pc.is_valid(where), live_mask(block)))
+    kept = pc.if_else(dup, as_array(keepers["keeper"]).take(pc.fill_null(where, 0)),
                       pa.scalar(None, pa.string()))
     block = set_column(block, column, kept)
     flags = dup.to_pylist()
