@@ -98,7 +98,7 @@ def test_token_limits_count_the_whole_row():
     assert verdicts(table, spec(min_tokens=2, max_tokens=6)) == [
         (None, None),
         ("max_tokens", "12 tokens > max_tokens 6"),
-        ("min_tokens", "1 tokens < min_tokens 2"),
+        ("min_tokens", "1 token < min_tokens 2"),
     ]
 
 

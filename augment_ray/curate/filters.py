@@ -170,14 +170,18 @@ def repeated_ngrams(named_texts: dict[str, pa.Array], max_ratio: float) -> RuleR
     return RuleResult(failed=worst >= 0, detail=detail)
 
 
+def _count(value: int, unit: str) -> str:
+    return f"{value} {unit.removesuffix('s') if value == 1 else unit}"
+
+
 def at_least(values: np.ndarray, limit: int, unit: str, field: str) -> RuleResult:
     return RuleResult(failed=values < limit,
-                      detail=lambda i: f"{values[i]} {unit} < {field} {limit}")
+                      detail=lambda i: f"{_count(int(values[i]), unit)} < {field} {limit}")
 
 
 def at_most(values: np.ndarray, limit: int, unit: str, field: str) -> RuleResult:
     return RuleResult(failed=values > limit,
-                      detail=lambda i: f"{values[i]} {unit} > {field} {limit}")
+                      detail=lambda i: f"{_count(int(values[i]), unit)} > {field} {limit}")
 
 
 class RowTexts:
