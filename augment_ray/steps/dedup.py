@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -249,9 +250,12 @@ class DedupStep(Step):
         rows = ds.count()
         if not blocks:
             return ds
+        log.info("%s: looking for duplicates among %d rows in %d blocks", self.name, rows,
+                 len(blocks))
+        started = time.perf_counter()
         keepers, stats = self.find_duplicates(blocks, rows)
         self.stats = ray.get(stats)
-        log.info("%s: %s", self.name, self.stats)
+        log.info("%s: %s (%.1fs)", self.name, self.stats, time.perf_counter() - started)
         marked = [_mark.remote(block, keepers, self.name, self.reason) for block in blocks]
         return ray.data.from_arrow_refs(marked)
 
@@ -302,6 +306,8 @@ class DedupNearStep(DedupStep):
         edges = hash_shuffle([(band_refs, "part")], parts_for(rows * self.bands, 500_000),
                              _bucket_edges, (spec.verify,))
         candidates = sum(ray.get([_count_rows.remote(e) for e in edges]))
+        log.info("%s: %d candidate pairs from %d LSH bands x %d rows%s", self.name, candidates,
+                 self.bands, self.rows_per_band, "; verifying them" if spec.verify else "")
         if spec.verify:
             parts = parts_for(rows, 100_000)
             with_a = hash_shuffle([(edges, "node_a"), (sig_refs, "node")], parts,
