@@ -24,15 +24,16 @@ from augment_ray.steps.dedup import (
     mark_duplicates,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# real GSM8K test questions bundled with the example jobs (MIT, see jobs/data/eval/LICENSE.md)
+GSM8K = Path(__file__).resolve().parents[1] / "jobs" / "data" / "eval" / "gsm8k_test_200.jsonl"
 
 
 def gsm8k_questions(n: int) -> list[str]:
-    path = DATA / "gsm8k_train.jsonl"
-    if not path.exists():
-        pytest.skip("../shared/data is not beside the repo")
-    with path.open() as handle:
-        return [json.loads(line)["question"] for _, line in zip(range(n), handle, strict=False)]
+    with GSM8K.open() as handle:
+        questions = [json.loads(line)["question"] for _, line in zip(range(n), handle,
+                                                                      strict=False)]
+    assert len(questions) == n
+    return questions
 
 
 def char_jaccard(a: str, b: str, n: int = 5) -> float:
