@@ -47,7 +47,7 @@ def _comparable(block: pa.Table, columns: list[str], normalize: NormalizeSpec,
     """(ids, folded texts) of live rows with some text; other rows are never duplicates."""
     text = joined_text(block, columns, normalize, step)
     keep = pc.and_(live_mask(block), pc.greater(pc.utf8_length(text), 0))
-    ids = block[ID].combine_chunks() if block.num_rows else pa.array([], pa.string())
+    ids = as_array(block[ID])
     return ids.filter(keep), text.filter(keep)
 
 
@@ -60,8 +60,11 @@ def _exact_keys(block: pa.Table, columns: list[str], normalize: NormalizeSpec,
     ids, text = _comparable(block, columns, normalize, step)
     keys = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest()
             for t in text.to_pylist()]
+    # the key is already a uniform hash: its first 8 bytes pick the shuffle part
+    part = np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(-1, 2)[:, 0] if keys \
+        else np.zeros(0, np.uint64)
     return pa.table({
-        "part": pa.array(hash64(keys)),
+        "part": pa.array(part),
         "key": pa.array(keys, pa.binary(16)),
         ID: ids,
     })
