@@ -87,6 +87,11 @@ class SamplingParams(Spec):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(256, gt=0)
     seed: int = 0
+    logprobs: int | None = Field(
+        None, ge=0, le=20,
+        description="return this many most likely tokens (with log-probabilities) for every "
+        "generated token, as vLLM's `logprobs` and OpenAI's `top_logprobs` do; judge steps set it",
+    )
 
     def merged(self, overrides: SamplingOverrides | None) -> SamplingParams:
         if overrides is None:
@@ -99,6 +104,7 @@ class SamplingOverrides(Spec):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, gt=0)
     seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TransformersEngineSpec(Spec):
@@ -148,9 +154,14 @@ class StepSpec(Spec):
         return self.name or self.kind
 
 
-class LLMStepSpec(StepSpec):
+class EngineStepSpec(StepSpec):
+    """A step that runs a model from `engines`."""
+
     engine: str = Field(description="name of an entry in `engines`")
     sampling: SamplingOverrides | None = None
+
+
+class LLMStepSpec(EngineStepSpec):
     max_retries: int = Field(
         2, ge=0, le=10, description="new tries (with a new seed) for an unparsable answer"
     )
@@ -440,6 +451,102 @@ class RespondStepSpec(LLMStepSpec):
     reject_truncated: bool = True
 
 
+ScoreMethod = Literal["p_yes", "self_reflection", "consistency", "rubric"]
+
+
+class ScoreStepSpec(EngineStepSpec):
+    """CLEAR: a confidence in [0, 1] that each row's response is a good answer to its
+    instruction, from a judge engine. Methods (any combination; each kept as a column):
+    p_yes (P(Yes) of a yes/no judge prompt, from logprobs), self_reflection (BSDetector's
+    A/B/C question asked twice), consistency (agreement of sampled judge answers with the
+    response), rubric (1-5 accuracy/helpfulness/detail, from JSON). The confidence is
+    beta * consistency + (1 - beta) * mean(other components on a 0-1 scale)."""
+
+    kind: Literal["score"]
+    methods: list[ScoreMethod] = Field(
+        default_factory=lambda: ["p_yes"], min_length=1,
+        description="p_yes is one short forward pass per row; the others generate more",
+    )
+    instruction_column: str = Field("instruction", description="the question being answered")
+    response_column: str = Field("output", description="the response being judged")
+    beta: float = Field(0.7, ge=0.0, le=1.0, description="weight of observed consistency")
+    consistency_samples: int = Field(3, gt=0, le=20, description="answers sampled per row (k)")
+    consistency_temperature: float = Field(
+        1.0, gt=0.0, description="sampling temperature of the consistency answers"
+    )
+    consistency_match: Literal["token_f1", "exact", "final_number"] = Field(
+        "token_f1",
+        description="how a sampled answer is compared with the response: word-bag F1, equal "
+        "after folding, or the same final number (GSM8K-style '#### N' or the last number)",
+    )
+    top_logprobs: int = Field(
+        20, gt=0, le=20, description="alternatives read per token for P(Yes) and A/B/C"
+    )
+    p_yes_tokens: int = Field(
+        1, gt=0, le=16,
+        description="answer tokens read for P(Yes): 1 is one forward pass (the first token); "
+        "more lets a model open with a space, quote or '**' first",
+    )
+    judge_max_tokens: int = Field(
+        8, gt=0, description="tokens for an A/B/C self-reflection answer"
+    )
+    rubric_max_tokens: int = Field(48, gt=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
+
+
+class ConfidenceThresholdSpec(StepSpec):
+    """Where a dataset-wide confidence threshold comes from (a barrier: the whole dataset is
+    scored before it is computed)."""
+
+    confidence_column: str = Field(
+        "score_confidence", description="the confidence written by a score step"
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="absolute threshold; unset: the `quantile`"
+    )
+    quantile: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="threshold = this quantile of the confidence over all live rows of the "
+        "dataset (default: the median)",
+    )
+
+
+class AutoFilterStepSpec(ConfidenceThresholdSpec):
+    """CLEAR Auto-Filter: keeps rows whose confidence is at or above the threshold; the rest go
+    to _rejects as low_confidence, with their scores."""
+
+    kind: Literal["auto_filter"]
+
+
+class AutoCorrectStepSpec(ConfidenceThresholdSpec):
+    """CLEAR Auto-Correct: for rows below the threshold, `engine` writes a candidate response and
+    `judge` says whether it is better than the original; the candidate replaces the response
+    only when that confidence is >= eta, else the row is rejected (not_corrected). The original
+    response is kept in `<name>_original_output`."""
+
+    kind: Literal["auto_correct"]
+    engine: str = Field(description="engine that writes candidate responses")
+    judge: str | None = Field(None, description="engine that compares; default: `engine`")
+    sampling: SamplingOverrides | None = Field(
+        None, description="sampling of the candidate responses"
+    )
+    eta: float = Field(0.8, ge=0.0, le=1.0, description="confidence needed to replace")
+    instruction_column: str = "instruction"
+    response_column: str = "output"
+    both_orders: bool = Field(
+        True,
+        description="ask the comparison with the candidate second and again with it first, "
+        "and average (cancels the judge's position bias; twice the judge passes)",
+    )
+    top_logprobs: int = Field(20, gt=0, le=20)
+
+
 AnyStepSpec = Annotated[
     RefineStepSpec
     | ExpandStepSpec
@@ -450,7 +557,10 @@ AnyStepSpec = Annotated[
     | DedupExactStepSpec
     | DedupNearStepSpec
     | DecontaminateStepSpec
-    | FilterStepSpec,
+    | FilterStepSpec
+    | ScoreStepSpec
+    | AutoFilterStepSpec
+    | AutoCorrectStepSpec,
     Field(discriminator="kind"),
 ]
 
@@ -472,13 +582,14 @@ class JobSpec(Spec):
                     "give one of them a distinct `name`"
                 )
             names.add(step.step_name)
-            engine = getattr(step, "engine", None)
-            if engine is not None and engine not in self.engines:
-                known = ", ".join(sorted(self.engines)) or "none are defined"
-                raise ValueError(
-                    f"steps[{index}].engine: {engine!r} is not an engine defined in "
-                    f"`engines` ({known})"
-                )
+            for field_name in ("engine", "judge"):
+                engine = getattr(step, field_name, None)
+                if engine is not None and engine not in self.engines:
+                    known = ", ".join(sorted(self.engines)) or "none are defined"
+                    raise ValueError(
+                        f"steps[{index}].{field_name}: {engine!r} is not an engine defined in "
+                        f"`engines` ({known})"
+                    )
         return self
 
 
@@ -510,7 +621,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
 
 _STEP_KINDS = {
     "refine", "expand", "pair_expand", "respond", "classify_task", "resample",
-    "dedup_exact", "dedup_near", "decontaminate", "filter",
+    "dedup_exact", "dedup_near", "decontaminate", "filter", "score", "auto_filter",
+    "auto_correct",
 }
 
 

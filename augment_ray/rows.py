@@ -78,6 +78,18 @@ def reject(table: pa.Table, mask: pa.Array, step: str, reasons: list[str | None]
     return table
 
 
+def reject_rows(table: pa.Table, step: str,
+                failures: dict[int, tuple[str, str | None]]) -> pa.Table:
+    """Mark the rows at the given positions as rejected by `step`: {row: (reason, detail)}."""
+    if not failures:
+        return table
+    n = len(table)
+    mask = [i in failures for i in range(n)]
+    reasons = [failures[i][0] if i in failures else None for i in range(n)]
+    details = [failures[i][1] if i in failures else None for i in range(n)]
+    return reject(table, pa.array(mask, pa.bool_()), step, reasons, details)
+
+
 def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     index = table.schema.get_field_index(name)
     if index >= 0:

@@ -16,6 +16,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end token) or "length" (hit max_tokens)
+    # with sampling.logprobs = k: per generated token, its k most likely alternatives as
+    # {decoded token text: log-probability} (vLLM's and OpenAI's top logprobs have this shape)
+    logprobs: tuple[dict[str, float], ...] | None = None
 
 
 @dataclass(frozen=True)

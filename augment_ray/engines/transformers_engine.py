@@ -123,24 +123,53 @@ class TransformersEngine:
             torch.manual_seed(sampling.seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if sampling.logprobs is not None:
+            # raw (unprocessed) logits of every step, as vLLM's default logprobs mode
+            kwargs.update(return_dict_in_generate=True, output_logits=True)
         with torch.inference_mode():
             generated = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 **kwargs,
             )
+        step_logits = None
+        if sampling.logprobs is not None:
+            step_logits = generated.logits
+            generated = generated.sequences
         new_tokens = generated[:, width:].tolist()
         stops = set(self.stop_ids)
         completions = []
-        for ids, tokens in zip(batch_ids, new_tokens, strict=False):
+        for row, (ids, tokens) in enumerate(zip(batch_ids, new_tokens, strict=False)):
             end = next((i for i, token in enumerate(tokens) if token in stops), None)
             kept = tokens if end is None else tokens[:end]
+            used = len(tokens) if end is None else end + 1
             completions.append(
                 Completion(
                     text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
                     prompt_tokens=len(ids),
-                    completion_tokens=len(tokens) if end is None else end + 1,
+                    completion_tokens=used,
                     finish_reason="length" if end is None else "stop",
+                    logprobs=None if step_logits is None else self._top_logprobs(
+                        [logits[row] for logits in step_logits[:used]], sampling.logprobs
+                    ),
                 )
             )
         return completions
+
+    def _top_logprobs(self, logits: list, k: int) -> tuple[dict[str, float], ...]:
+        """The k most likely tokens of each step as {decoded text: log-probability}. Tokens that
+        decode to the same text (rare) keep the larger probability."""
+        import torch
+
+        if not logits:
+            return ()
+        logprobs = torch.log_softmax(torch.stack(logits).float(), dim=-1)
+        values, indices = torch.topk(logprobs, max(k, 1), dim=-1)
+        steps = []
+        for step_values, step_indices in zip(values.tolist(), indices.tolist(), strict=True):
+            top: dict[str, float] = {}
+            for value, token in zip(step_values, step_indices, strict=True):
+                text = self.tokenizer.decode([token])
+                top[text] = max(value, top.get(text, float("-inf")))
+            steps.append(top)
+        return tuple(steps)

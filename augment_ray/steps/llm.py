@@ -19,8 +19,7 @@ import pyarrow as pa
 import ray.data
 
 from augment_ray.config import EngineSpec, SamplingParams
-from augment_ray.engines import Completion, GenerationFailure, build_engine
-from augment_ray.engines.model_files import model_display_name, resolve_model_dir
+from augment_ray.engines import Completion, GenerationFailure
 from augment_ray.rows import (
     CANONICAL_TEXT,
     ID,
@@ -31,14 +30,20 @@ from augment_ray.rows import (
     SOURCE_ID,
     derived_id,
     live_mask,
-    reject,
+    reject_rows,
     set_column,
 )
 from augment_ray.steps.base import Step
+from augment_ray.steps.engine_pool import (
+    EngineActor,
+    describe_engine,
+    map_with_engine_pool,
+    pool_cpus,
+    prepare_engine,
+)
 from augment_ray.tasks.base import LLMTask, Messages, ParseFailure
 
 log = logging.getLogger(__name__)
-ROWS_PER_CALL_FACTOR = 4
 # a greedy retry would repeat the same answer: retries sample at least this warm
 RETRY_MIN_TEMPERATURE = 0.7
 
@@ -81,31 +86,19 @@ class Generation:
     failure: tuple[str, str] | None = None
 
 
-def _log_to_driver() -> None:
-    """Ray forwards a worker's stderr to the driver (and to `ray job logs`); send our INFO
-    lines there so long runs show per-batch progress."""
-    logger = logging.getLogger("augment_ray")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-class LLMTaskRunner:
+class LLMTaskRunner(EngineActor):
     """Ray Data actor UDF: loads the engine once, then answers one batch of rows per call."""
 
     def __init__(
         self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
         sampling: SamplingParams, options: RunOptions,
     ) -> None:
-        _log_to_driver()
+        super().__init__(engine_spec)
         self.step = step
         self.engine_name = engine_name
         self.task = task
         self.sampling = sampling
         self.options = options
-        self.engine = build_engine(engine_spec)
 
     def _sampling(self, attempt: int) -> SamplingParams:
         if attempt == 0:
@@ -206,13 +199,7 @@ class LLMTaskRunner:
         return self._reject_rows(table, failures)
 
     def _reject_rows(self, table: pa.Table, failures: dict[int, tuple[str, str]]) -> pa.Table:
-        if not failures:
-            return table
-        n = len(table)
-        mask = [i in failures for i in range(n)]
-        reasons = [failures[i][0] if i in failures else None for i in range(n)]
-        details = [failures[i][1] if i in failures else None for i in range(n)]
-        return reject(table, pa.array(mask), self.step, reasons, details)
+        return reject_rows(table, self.step, failures)
 
     def _with_new_rows(self, table: pa.Table, rows: dict[int, dict],
                        generations: list[Generation],
@@ -263,28 +250,16 @@ class LLMStep(Step):
         self.options = options or RunOptions()
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        spec = self.engine_spec
-        return ds.map_batches(
-            LLMTaskRunner,
-            fn_constructor_kwargs={
-                "step": self.name,
-                "engine_name": self.engine_name,
-                "engine_spec": spec,
-                "task": self.task,
-                "sampling": self.sampling,
-                "options": self.options,
-            },
-            batch_format="pyarrow",
-            # several engine batches per call, so length-sorting has rows to group
-            batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
-            compute=ray.data.ActorPoolStrategy(size=spec.replicas),
-            num_cpus=spec.num_cpus,
-            num_gpus=spec.num_gpus or None,
-        )
+        return map_with_engine_pool(ds, LLMTaskRunner, self.engine_spec, {
+            "step": self.name,
+            "engine_name": self.engine_name,
+            "task": self.task,
+            "sampling": self.sampling,
+            "options": self.options,
+        })
 
     def prepare(self) -> None:
-        # fails fast with a clear message, and converts a GGUF once instead of in every actor
-        resolve_model_dir(self.engine_spec.model, self.engine_spec.cache_dir)
+        prepare_engine(self.engine_spec)
 
     def output_columns(self) -> list[str]:
         # canonical columns (a new row's instruction, a response) are the step's to write
@@ -292,16 +267,13 @@ class LLMStep(Step):
                 *lineage_columns(self.name, generates_rows=self.task.generates_rows)]
 
     def cpu_request(self) -> float:
-        return self.engine_spec.replicas * self.engine_spec.num_cpus
+        return pool_cpus(self.engine_spec)
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "engine": self.engine_name,
-            "engine_kind": self.engine_spec.kind,
-            "model": model_display_name(self.engine_spec.model),
+            **describe_engine(self.engine_name, self.engine_spec),
             "template": self.task.template_version,
             "sampling": self.sampling.model_dump(),
-            "replicas": self.engine_spec.replicas,
             "max_retries": self.options.max_retries,
         }

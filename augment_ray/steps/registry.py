@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from augment_ray.config import (
+    AutoCorrectStepSpec,
+    AutoFilterStepSpec,
     ClassifyTaskStepSpec,
     DecontaminateStepSpec,
     DedupExactStepSpec,
@@ -16,15 +18,19 @@ from augment_ray.config import (
     RefineStepSpec,
     ResampleStepSpec,
     RespondStepSpec,
+    ScoreStepSpec,
     StepSpec,
 )
 from augment_ray.errors import JobSpecError
+from augment_ray.steps.auto_correct import AutoCorrectStep
+from augment_ray.steps.auto_filter import AutoFilterStep
 from augment_ray.steps.base import Step
 from augment_ray.steps.decontaminate import DecontaminateStep
 from augment_ray.steps.dedup import DedupExactStep, DedupNearStep
 from augment_ray.steps.filter import RESPONSE_WRITERS, FilterStep
 from augment_ray.steps.llm import LLMStep, RunOptions
 from augment_ray.steps.resample import ResampleStep
+from augment_ray.steps.score import ScoreStep
 from augment_ray.tasks.base import LLMTask
 from augment_ray.tasks.classify import ClassifyTask
 from augment_ray.tasks.expand import ExpandTask, is_native_expand_model
@@ -79,6 +85,15 @@ def build_step(spec: StepSpec, job: JobSpec) -> Step:
         return DedupExactStep(spec)
     if isinstance(spec, DedupNearStepSpec):
         return DedupNearStep(spec)
+    if isinstance(spec, AutoFilterStepSpec):
+        return AutoFilterStep(spec)
+    if isinstance(spec, ScoreStepSpec):
+        engine = job.engines[spec.engine]
+        return ScoreStep(spec, spec.engine, engine, engine.sampling.merged(spec.sampling))
+    if isinstance(spec, AutoCorrectStepSpec):
+        engine = job.engines[spec.engine]
+        return AutoCorrectStep(spec, engine, job.engines[spec.judge or spec.engine],
+                               engine.sampling.merged(spec.sampling))
     if not isinstance(spec, LLMStepSpec):
         raise ValueError(f"no builder for step kind {spec.kind!r}")
     engine = job.engines[spec.engine]

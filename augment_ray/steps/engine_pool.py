@@ -1,0 +1,84 @@
+"""What every model-running step shares: a Ray Data actor pool of one engine (one model copy
+per actor), the actor base that loads it, and sampling-grouped generation."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import ray.data
+
+from augment_ray.config import EngineSpec, SamplingParams
+from augment_ray.engines import Completion, GenerationFailure, build_engine
+from augment_ray.engines.model_files import model_display_name, resolve_model_dir
+from augment_ray.tasks.base import Messages
+
+# several engine batches per call, so length-sorting has rows to group
+ROWS_PER_CALL_FACTOR = 4
+
+Result = Completion | GenerationFailure
+
+
+def log_to_driver() -> None:
+    """Ray forwards a worker's stderr to the driver (and to `ray job logs`); send our INFO
+    lines there so long runs show per-batch progress."""
+    logger = logging.getLogger("augment_ray")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class EngineActor:
+    """Base of the actor UDFs that hold a model: the engine is loaded once per actor."""
+
+    def __init__(self, engine_spec: EngineSpec) -> None:
+        log_to_driver()
+        self.engine = build_engine(engine_spec)
+
+
+def generate_grouped(engine: Any, requests: Sequence[tuple[Messages, SamplingParams]]
+                     ) -> list[Result]:
+    """One result per (messages, sampling) request, in order: requests that share sampling
+    parameters go to the engine together, so a step can mix prompt kinds in one call."""
+    groups: dict[SamplingParams, list[int]] = defaultdict(list)
+    for index, (_, sampling) in enumerate(requests):
+        groups[sampling].append(index)
+    results: list[Result | None] = [None] * len(requests)
+    for sampling, indices in groups.items():
+        answers = engine.generate([requests[i][0] for i in indices], sampling)
+        for index, answer in zip(indices, answers, strict=True):
+            results[index] = answer
+    return [result for result in results if result is not None]
+
+
+def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
+                         constructor_kwargs: dict[str, Any]) -> ray.data.Dataset:
+    """ds.map_batches(runner) on a pool of `spec.replicas` actors, each with the engine's
+    CPUs/GPUs; the runner's constructor gets `engine_spec` plus `constructor_kwargs`."""
+    return ds.map_batches(
+        runner,
+        fn_constructor_kwargs={"engine_spec": spec, **constructor_kwargs},
+        batch_format="pyarrow",
+        batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
+        compute=ray.data.ActorPoolStrategy(size=spec.replicas),
+        num_cpus=spec.num_cpus,
+        num_gpus=spec.num_gpus or None,
+    )
+
+
+def prepare_engine(spec: EngineSpec) -> None:
+    """Fails fast with a clear message, and converts a GGUF once instead of in every actor."""
+    resolve_model_dir(spec.model, spec.cache_dir)
+
+
+def pool_cpus(spec: EngineSpec) -> float:
+    return spec.replicas * spec.num_cpus
+
+
+def describe_engine(name: str, spec: EngineSpec) -> dict[str, Any]:
+    return {"engine": name, "engine_kind": spec.kind, "model": model_display_name(spec.model),
+            "replicas": spec.replicas}

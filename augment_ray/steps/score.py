@@ -1,0 +1,278 @@
+"""The score step (CLEAR): a judge engine's confidence that each row's response is good.
+
+Per row, in two engine rounds: round 1 asks every selected method's prompts at once (grouped
+by sampling parameters); round 2 asks BSDetector's "are you really sure" follow-up in the same
+conversation as the first self-reflection answer. Each component is kept as a column; a row no
+component could score is rejected (unscorable) with what went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+
+from augment_ray.config import EngineSpec, SamplingParams, ScoreStepSpec
+from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
+from augment_ray.engines import Completion
+from augment_ray.errors import InputDataError
+from augment_ray.rows import live_mask, reject_rows, set_column
+from augment_ray.steps.base import Step
+from augment_ray.steps.engine_pool import (
+    EngineActor,
+    Result,
+    describe_engine,
+    generate_grouped,
+    map_with_engine_pool,
+    pool_cpus,
+    prepare_engine,
+)
+from augment_ray.tasks import judge
+from augment_ray.tasks.base import Messages
+
+log = logging.getLogger(__name__)
+
+
+def score_columns(step: str, methods: list[str]) -> dict[str, pa.DataType]:
+    return {
+        f"{step}_confidence": pa.float64(),
+        **{f"{step}_{method}": pa.float64() for method in methods},
+        f"{step}_notes": pa.string(),
+        f"{step}_model": pa.string(),
+        f"{step}_template": pa.string(),
+        f"{step}_prompt_tokens": pa.int64(),
+        f"{step}_completion_tokens": pa.int64(),
+    }
+
+
+def judged_text(row: dict[str, Any], instruction_column: str) -> str:
+    """The question a judge sees: the instruction, plus the row's input when it has one."""
+    question = str(row.get(instruction_column) or "")
+    context = row.get("input")
+    return f"{question}\n\n{context}" if context else question
+
+
+def require_columns(table: pa.Table, step: str, columns: list[str]) -> None:
+    for name in columns:
+        if name not in table.column_names:
+            raise InputDataError(
+                f"Step {step!r} needs column {name!r}, which the rows do not have "
+                f"(columns: {', '.join(table.column_names)})."
+            )
+
+
+@dataclass
+class RowScore:
+    """What the judge said about one row."""
+
+    values: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reflection: list[str | None] = field(default_factory=list)
+
+    def count(self, result: Result) -> None:
+        if isinstance(result, Completion):
+            self.prompt_tokens += result.prompt_tokens
+            self.completion_tokens += result.completion_tokens
+
+
+class ScoreRunner(EngineActor):
+    """Ray Data actor UDF: scores one batch of rows per call with the judge engine."""
+
+    def __init__(self, engine_spec: EngineSpec, step: str, spec: ScoreStepSpec,
+                 sampling: SamplingParams) -> None:
+        super().__init__(engine_spec)
+        self.step = step
+        self.spec = spec
+        # short greedy answers with top logprobs: yes/no and A/B/C
+        self.judge_sampling = SamplingParams(
+            temperature=0.0, max_tokens=spec.judge_max_tokens, seed=sampling.seed,
+            logprobs=spec.top_logprobs,
+        )
+        self.p_yes_sampling = self.judge_sampling.model_copy(
+            update={"max_tokens": spec.p_yes_tokens})
+        self.rubric_sampling = SamplingParams(
+            temperature=0.0, max_tokens=spec.rubric_max_tokens, seed=sampling.seed
+        )
+        # one engine call per sample index, each with its own seed: engines that seed every
+        # request (vLLM) would otherwise return k copies of one answer
+        self.consistency_sampling = [
+            sampling.model_copy(update={"temperature": spec.consistency_temperature,
+                                        "seed": sampling.seed + j})
+            for j in range(spec.consistency_samples)
+        ]
+        self.template = "+".join(judge.JUDGE_TEMPLATES[m] for m in spec.methods)
+
+    def _first_round(self, questions: dict[int, str], responses: dict[int, str]
+                     ) -> list[tuple[int, str, Messages, SamplingParams]]:
+        requests = []
+        methods = self.spec.methods
+        for index, question in questions.items():
+            answer = responses[index]
+            if "p_yes" in methods:
+                requests.append((index, "p_yes", judge.yes_no_prompt(question, answer),
+                                 self.p_yes_sampling))
+            if "self_reflection" in methods:
+                requests.append((index, "reflection", judge.reflection_prompt(question, answer),
+                                 self.judge_sampling))
+            if "rubric" in methods:
+                requests.append((index, "rubric", judge.rubric_prompt(question, answer),
+                                 self.rubric_sampling))
+            if "consistency" in methods:
+                prompt = judge.answer_prompt(question)
+                requests += [(index, "consistency", prompt, sampling)
+                             for sampling in self.consistency_sampling]
+        return requests
+
+    def _reflection_score(self, result: Result) -> str | None:
+        if not isinstance(result, Completion):
+            return None
+        return judge.reflection_choice(result.text) or \
+            judge.reflection_choice_from_logprobs(result.logprobs)
+
+    def score(self, questions: dict[int, str], responses: dict[int, str]) -> dict[int, RowScore]:
+        scores = {index: RowScore() for index in questions}
+        requests = self._first_round(questions, responses)
+        results = generate_grouped(self.engine, [(m, s) for _, _, m, s in requests])
+        similarities: dict[int, list[float]] = {index: [] for index in questions}
+        followups = []
+        for (index, kind, messages, _), result in zip(requests, results, strict=True):
+            row = scores[index]
+            row.count(result)
+            if not isinstance(result, Completion):
+                row.notes.append(f"{kind}: {result.reason} {result.detail}".strip())
+                continue
+            if kind == "p_yes":
+                value = judge.yes_probability_of(result.logprobs)
+                row.values["p_yes"] = value
+                if value is None:
+                    row.notes.append(f"p_yes: no Yes/No among the top tokens: {result.text!r}")
+            elif kind == "reflection":
+                row.reflection.append(self._reflection_score(result))
+                followups.append((index, judge.reflection_followup(
+                    messages, result.text, questions[index])))
+            elif kind == "rubric":
+                rubric = judge.rubric_scores(result.text)
+                row.values["rubric"] = sum(rubric.values()) / len(rubric) if rubric else None
+                if rubric is None:
+                    row.notes.append(f"rubric: unparsable {result.text[:200]!r}")
+            else:
+                similarity = answer_similarity(result.text, responses[index],
+                                               self.spec.consistency_match)
+                if similarity is not None:
+                    similarities[index].append(similarity)
+        if followups:
+            again = generate_grouped(self.engine, [(m, self.judge_sampling) for _, m in followups])
+            for (index, _), result in zip(followups, again, strict=True):
+                scores[index].count(result)
+                scores[index].reflection.append(self._reflection_score(result))
+        for index, row in scores.items():
+            if "self_reflection" in self.spec.methods:
+                letters = [c for c in row.reflection if c is not None]
+                row.values["self_reflection"] = (
+                    sum(judge.REFLECTION_SCORES[c] for c in letters) / len(letters)
+                    if letters else None
+                )
+                row.notes.append("self_reflection: " + ",".join(c or "?" for c in row.reflection))
+            if "consistency" in self.spec.methods:
+                found = similarities[index]
+                row.values["consistency"] = sum(found) / len(found) if found else None
+                if not found:
+                    row.notes.append(f"consistency: no sample comparable by "
+                                     f"{self.spec.consistency_match}")
+        return scores
+
+    def confidence(self, row: RowScore) -> float | None:
+        certainties = [row.values[m] for m in ("self_reflection", "p_yes")
+                       if row.values.get(m) is not None]
+        if row.values.get("rubric") is not None:
+            certainties.append(rubric_certainty(row.values["rubric"]))
+        return combine(row.values.get("consistency"), certainties, self.spec.beta)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        spec = self.spec
+        require_columns(table, self.step, [spec.instruction_column, spec.response_column])
+        live = live_mask(table).to_pylist()
+        rows = table.to_pylist()
+        questions, responses, failures = {}, {}, {}
+        for index, (row, alive) in enumerate(zip(rows, live, strict=True)):
+            if not alive:
+                continue
+            response = row.get(spec.response_column)
+            if response is None or not str(response).strip():
+                failures[index] = ("missing_response", f"{spec.response_column} is empty")
+                continue
+            questions[index] = judged_text(row, spec.instruction_column)
+            responses[index] = str(response)
+
+        started = time.perf_counter()
+        scores = self.score(questions, responses) if questions else {}
+        log.info("%s: scored %d rows in %.1fs", self.step, len(scores),
+                 time.perf_counter() - started)
+
+        n = len(table)
+        kinds = score_columns(self.step, spec.methods)
+        columns: dict[str, list[Any]] = {name: [None] * n for name in kinds}
+        for index, row in scores.items():
+            confidence = self.confidence(row)
+            values = {
+                f"{self.step}_confidence": confidence,
+                **{f"{self.step}_{m}": row.values.get(m) for m in spec.methods},
+                f"{self.step}_notes": "; ".join(row.notes) or None,
+                f"{self.step}_model": self.engine.model_name,
+                f"{self.step}_template": self.template,
+                f"{self.step}_prompt_tokens": row.prompt_tokens,
+                f"{self.step}_completion_tokens": row.completion_tokens,
+            }
+            for name, value in values.items():
+                columns[name][index] = value
+            if confidence is None:
+                failures[index] = ("unscorable", "; ".join(row.notes)[:1000])
+        for name, values in columns.items():
+            table = set_column(table, name, pa.array(values, kinds[name]))
+        return reject_rows(table, self.step, failures)
+
+
+class ScoreStep(Step):
+    kind = "score"
+
+    def __init__(self, spec: ScoreStepSpec, engine_name: str, engine_spec: EngineSpec,
+                 sampling: SamplingParams) -> None:
+        self.name = spec.step_name
+        self.spec = spec
+        self.engine_name = engine_name
+        self.engine_spec = engine_spec
+        self.sampling = sampling
+
+    def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        return map_with_engine_pool(ds, ScoreRunner, self.engine_spec, {
+            "step": self.name, "spec": self.spec, "sampling": self.sampling,
+        })
+
+    def prepare(self) -> None:
+        prepare_engine(self.engine_spec)
+
+    def output_columns(self) -> list[str]:
+        return list(score_columns(self.name, self.spec.methods))
+
+    def cpu_request(self) -> float:
+        return pool_cpus(self.engine_spec)
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            **super().describe(),
+            **describe_engine(self.engine_name, self.engine_spec),
+            "methods": spec.methods,
+            "beta": spec.beta,
+            **({"consistency": {"samples": spec.consistency_samples,
+                                "temperature": spec.consistency_temperature,
+                                "match": spec.consistency_match,
+                                "max_tokens": self.sampling.max_tokens}}
+               if "consistency" in spec.methods else {}),
+        }
