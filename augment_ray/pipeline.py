@@ -90,15 +90,18 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     check_cpu_budget(steps)
     log.info("Run %s: %d input files, %d steps", run_id, len(shards), len(steps))
 
+    # our errors (a missing column, a bad file) reach the driver as themselves, not as a
+    # UserCodeException that has lost them (what ds.materialize() etc. raise by default)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.from_items(
         [{"path": shard.path, "format": shard.format} for shard in shards],
         override_num_blocks=len(shards),
     ).map_batches(read_shards, fn_kwargs={"spec": job.input}, batch_size=1,
                   batch_format="pyarrow")
-    for step in steps:
-        ds = step.apply(ds)
     sink = RoutingParquetSink(output, run_id, job.output.max_rows_per_file)
     try:
+        for step in steps:  # a barrier step runs everything before it here
+            ds = step.apply(ds)
         ds.write_datasink(sink)
     except Exception as error:
         user_error = find_user_error(error)
