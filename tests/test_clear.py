@@ -306,3 +306,18 @@ def test_auto_correct_replaces_only_confident_candidates_and_keeps_the_original(
     assert unscored["reject_reason"] == "missing_confidence"
     # only the rows below the threshold were answered by the writer
     assert not any("fine-q" in p for p in engine.prompts)
+
+
+def test_judge_prompts_follow_the_question_language_and_keep_versions():
+    english = judge.yes_no_prompt("What is 2 + 2?", "4")[0]["content"]
+    chinese = judge.yes_no_prompt("二加二等于几\uff1f", "四")[0]["content"]
+    assert english.startswith("Question:\nWhat is 2 + 2?") and "Yes or No" in english
+    assert chinese.startswith("问题\uff1a\n二加二等于几\uff1f") and "候选回答\uff1a\n四" in chinese
+    rubric = judge.rubric_prompt("What is 2 + 2?", "4")[0]["content"]
+    assert '{"accuracy": 4, "helpfulness": 3, "detail": 5}' in rubric  # braces kept literal
+    first = judge.reflection_prompt("二加二等于几\uff1f", "四")
+    follow = judge.reflection_followup(first, "answer: A", "二加二等于几\uff1f")
+    assert [m["role"] for m in follow] == ["user", "assistant", "user"]
+    assert follow[1]["content"] == "answer: A" and "你真的确定" in follow[2]["content"]
+    compare = judge.compare_prompt("q?", "old answer", "new answer")[0]["content"]
+    assert compare.index("Response A:\nold answer") < compare.index("Response B:\nnew answer")

@@ -63,8 +63,8 @@ def test_unknown_step_engine_lists_known_engines():
 
 def test_unknown_step_kind():
     message = error_of(minimal(steps=[{"kind": "refin", "engine": "small"}]))
-    expected = ("classify_task, decontaminate, dedup_exact, dedup_near, expand, filter, "
-                "pair_expand, refine, resample, respond")
+    expected = ("auto_correct, auto_filter, classify_task, decontaminate, dedup_exact, "
+                "dedup_near, expand, filter, pair_expand, refine, resample, respond, score")
     assert f"steps[0]: unknown step kind; expected one of: {expected}" in message
 
 
@@ -122,3 +122,29 @@ def test_every_example_job_is_valid_and_builds(path):
 
     job = load_job(path)
     assert [step.name for step in build_steps(job)] == [s.step_name for s in job.steps]
+
+
+def test_clear_steps_name_their_bad_fields():
+    assert "steps[1].judge: 'big' is not an engine" in error_of(minimal(steps=[
+        {"kind": "score", "engine": "small"},
+        {"kind": "auto_correct", "engine": "small", "judge": "big"},
+    ]))
+    assert "steps[0].methods: a method is listed twice" in error_of(
+        minimal(steps=[{"kind": "score", "engine": "small", "methods": ["p_yes", "p_yes"]}]))
+    assert "steps[0].methods[0]: Input should be" in error_of(
+        minimal(steps=[{"kind": "score", "engine": "small", "methods": ["vibes"]}]))
+    assert "steps[0].quantile: Input should be less than 1" in error_of(
+        minimal(steps=[{"kind": "auto_filter", "quantile": 1.0}]))
+    assert "steps[0].eta: Input should be less than or equal to 1" in error_of(
+        minimal(steps=[{"kind": "auto_correct", "engine": "small", "eta": 1.5}]))
+
+
+def test_clear_step_defaults():
+    job = parse_job(minimal(steps=[{"kind": "score", "engine": "small"},
+                                   {"kind": "auto_filter"},
+                                   {"kind": "auto_correct", "engine": "small"}]))
+    score, auto_filter, auto_correct = job.steps
+    assert score.methods == ["p_yes"] and score.beta == 0.7
+    assert auto_filter.threshold is None and auto_filter.quantile == 0.5
+    assert auto_filter.confidence_column == "score_confidence"
+    assert auto_correct.eta == 0.8 and auto_correct.judge is None and auto_correct.both_orders
