@@ -263,12 +263,12 @@ def evaluate(rows: list[dict[str, Any]], truth: dict[str, dict[str, Any]],
         scored = [(r[column], truth[r["id"]]["kind"]) for r in rows if r.get(column) is not None]
         entry: dict[str, Any] = {
             "scored_rows": len(scored),
-            "auroc": rounded(auroc([s for s, _ in scored], [k == CLEAN for k, _ in scored])),
+            "auroc": rounded(auroc([s for s, _ in scored], [k == CLEAN for _, k in scored])),
         }
         for kind in (SWAPPED, PERTURBED):
             subset = [(s, k) for s, k in scored if k in (CLEAN, kind)]
             entry[f"auroc_clean_vs_{kind}"] = rounded(
-                auroc([s for s, _ in subset], [k == CLEAN for k, _ in subset]))
+                auroc([s for s, _ in subset], [k == CLEAN for _, k in subset]))
         values = sorted(s for s, _ in scored)
         if values:
             entry["distribution"] = {"min": rounded(values[0]),
@@ -292,12 +292,14 @@ def run_method(name: str, config: dict[str, Any], engine: dict[str, Any], source
         "steps": [{"kind": "score", "engine": ENGINE, **config}, {"kind": "auto_filter"}],
     }, source=f"clear_eval job {name}")
     barrier: list[float] = []
+    load_before = os.getloadavg()[0]
     with timed_barrier(barrier):
         summary = run_job(job)
+    load_after = os.getloadavg()[0]
     kept, rejected = read_rows(output / "data"), read_rows(output / "_rejects")
     n = len(truth)
     returned = Counter(r["id"] for r in kept + rejected)
-    accounted = returned == Counter(truth) and len(kept) + len(rejected) == n
+    accounted = returned == Counter(truth.keys()) and len(kept) + len(rejected) == n
 
     corrupted = {i for i, t in truth.items() if t["kind"] != CLEAN}
     clean = set(truth) - corrupted
@@ -341,6 +343,7 @@ def run_method(name: str, config: dict[str, Any], engine: dict[str, Any], source
         "prompt_tokens": summary["prompt_tokens"],
         "completion_tokens": summary["completion_tokens"],
         "completion_tokens_per_s": summary["completion_tokens_per_second"],
+        "load_average_1min_before_after": [round(load_before, 2), round(load_after, 2)],
     }
     scores = {r["id"]: r.get("score_p_yes") for r in kept + rejected}
     return {"result": result, "p_yes_by_id": scores}
@@ -393,6 +396,7 @@ def raw_p_yes(rows: list[dict[str, Any]], threads: int) -> dict[str, Any]:
         values += (yes / (yes + no)).tolist()
     seconds = time.perf_counter() - started
     return {"values": values, "seconds": seconds, "load_seconds": load,
+            "load_average_1min_after": round(os.getloadavg()[0], 2),
             "yes_token_ids": yes_ids, "no_token_ids": no_ids}
 
 
@@ -411,7 +415,8 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version()}
+                            "python": platform.python_version(),
+                            "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
     with contextlib.suppress(ImportError):
         import psutil
 
@@ -440,6 +445,8 @@ def main() -> None:
                         help="CPUs of the local Ray started for the whole harness")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a note about this run to add to the JSON (repeatable)")
     args = parser.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -500,6 +507,7 @@ def main() -> None:
                 "seconds": round(raw["seconds"], 3),
                 "rows_per_s": round(len(rows) / raw["seconds"], 3),
                 "model_load_seconds": round(raw["load_seconds"], 3),
+                "load_average_1min_after": raw["load_average_1min_after"],
                 "yes_token_ids": raw["yes_token_ids"], "no_token_ids": raw["no_token_ids"],
             }
             if "p_yes" in result["methods"]:
@@ -522,7 +530,7 @@ def main() -> None:
         else:
             result["baseline_raw_transformers_p_yes"] = None
         result["total_wall_seconds"] = round(time.perf_counter() - total_started, 1)
-        result["notes"] = notes(result, engine)
+        result["notes"] = notes(result, engine) + args.note
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -555,6 +563,9 @@ def notes(result: dict[str, Any], engine: dict[str, Any]) -> list[str]:
         "('Yes', ' Yes', 'yes' / 'No', ' No', 'no'); the pipeline's p_yes reads the engine's "
         "top-20 logprobs and counts any token that folds to a yes/no word, so the two can differ "
         "slightly (see agreement_with_pipeline_p_yes).",
+        "load_average_* fields are the machine's 1-minute load average (os.getloadavg): this "
+        "harness alone keeps it near the CPU count; much higher means other processes shared "
+        "the CPUs during the run and its timings are pessimistic.",
     ]
     if result["engine"]["default_bundled"]:
         out.append("The default judge is the bundled SmolLM2-135M-Instruct on CPU: far too small "

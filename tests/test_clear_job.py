@@ -16,6 +16,7 @@ import yaml
 from augment_ray.config import SamplingParams, TransformersEngineSpec, parse_job
 from augment_ray.errors import InputDataError
 from augment_ray.pipeline import run_job
+from augment_ray.summary import format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "jobs" / "data" / "eval" / "gsm8k_test_200.jsonl"
@@ -85,7 +86,7 @@ def test_auto_filter_median_is_global_not_per_block(local_ray, tmp_path):
     shards[1].append({"id": "unscored", "instruction": "q", "output": "a",
                       "score_confidence": None})
     write_shards(tmp_path / "in", shards)
-    median = float(np.median([v for shard in values for v in shard]))  # 0.55
+    median = float(np.median([v for shard in values for v in shard]))  # 0.525
 
     summary = run_job(parse_job(confidence_job(tmp_path)))
 
@@ -100,6 +101,8 @@ def test_auto_filter_median_is_global_not_per_block(local_ray, tmp_path):
     step = next(s for s in summary["steps"] if s["name"] == "auto_filter")
     assert step["threshold"] == pytest.approx(median)
     assert step["rows_in"] == 11 and step["rows_out"] == 5
+    assert f"in       11  out        5  threshold {median:.4f} (median of 10 rows)" \
+        in format_summary(summary)
     assert summary["rows_out"] + summary["rows_rejected"] == 11
 
 
