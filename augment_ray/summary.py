@@ -89,7 +89,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         if "completion_tokens" in step:
             line += f"  tokens {step['prompt_tokens']} prompt / {step['completion_tokens']} gen"
         if step.get("threshold") is not None:
-            line += f"  threshold {step['threshold']:.4f} ({step['threshold_from']})"
+            line += f"  threshold {step['threshold']:.4f} ({step['threshold_from']}"
+            tied = step.get("rows_at_threshold", 0)
+            line += f", {tied} rows at it, kept)" if tied > 1 else ")"
         lines.append(line)
         for reason, count in step["rejected"].items():
             lines.append(f"      rejected {count:>6}  {reason}")

@@ -146,20 +146,23 @@ def derangement(items: list[int], finals: dict[int, int | None], rng: random.Ran
     return mapping  # pathological data: the caller reports same-final swaps
 
 
-def load_gsm8k(data_dir: Path) -> tuple[list[dict[str, str]], Path]:
-    path = data_dir / "gsm8k_test.jsonl"
+def load_gsm8k(data_dir: Path, split: str = "test") -> tuple[list[dict[str, str]], Path]:
+    path = data_dir / f"gsm8k_{split}.jsonl"
     if not path.is_file():
+        if split != "test":
+            raise SystemExit(f"{path} is missing")
         path = BUNDLED_SAMPLE
     with path.open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return [{"question": r["question"], "answer": r["answer"]} for r in rows], path
 
 
-def build_dataset(data_dir: Path, n: int, share: float, seed: int, out_dir: Path
+def build_dataset(data_dir: Path, n: int, share: float, seed: int, out_dir: Path,
+                  split: str = "test", label_column: bool = False
                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Writes out_dir/part-0.parquet (id, instruction, output) and returns the truth per id
-    and a description of the data."""
-    source_rows, path = load_gsm8k(data_dir)
+    """Writes out_dir/part-0.parquet (id, instruction, output, and with label_column the
+    truth as `corruption`) and returns the truth per id and a description of the data."""
+    source_rows, path = load_gsm8k(data_dir, split)
     rng = random.Random(seed)
     if n > len(source_rows):
         raise SystemExit(f"--rows {n} > {len(source_rows)} rows in {path}")
@@ -179,21 +182,23 @@ def build_dataset(data_dir: Path, n: int, share: float, seed: int, out_dir: Path
     for receiver, donor in derangement(swapped, finals, rng).items():
         rows[receiver]["corrupted"] = rows[donor]["answer"]
         same_final_swaps += finals[receiver] == finals[donor]
-        truth[f"gsm8k-test-{receiver:04d}"] = {"kind": SWAPPED, "donor": donor}
+        truth[f"gsm8k-{split}-{receiver:04d}"] = {"kind": SWAPPED, "donor": donor}
     unchanged_lines = 0
     for i in perturbed:
         text, old, new, changed = perturb(rows[i]["answer"], rng)
         rows[i]["corrupted"] = text
         unchanged_lines += changed == 0
-        truth[f"gsm8k-test-{i:04d}"] = {"kind": PERTURBED, "old": old, "new": new}
+        truth[f"gsm8k-{split}-{i:04d}"] = {"kind": PERTURBED, "old": old, "new": new}
         examples.setdefault(PERTURBED, {"original_tail": rows[i]["answer"][-160:],
                                         "corrupted_tail": text[-160:]})
     table_rows = []
     for i in picked:
-        row_id = f"gsm8k-test-{i:04d}"
+        row_id = f"gsm8k-{split}-{i:04d}"
         truth.setdefault(row_id, {"kind": CLEAN})
         table_rows.append({"id": row_id, "instruction": rows[i]["question"],
                            "output": rows[i].get("corrupted", rows[i]["answer"])})
+        if label_column:
+            table_rows[-1]["corruption"] = truth[row_id]["kind"]
     out_dir.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(table_rows), out_dir / "part-0.parquet")
     kinds = Counter(t["kind"] for t in truth.values())
@@ -445,6 +450,11 @@ def main() -> None:
                         help="CPUs of the local Ray started for the whole harness")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    parser.add_argument("--write-sample", type=Path, default=None, metavar="DIR",
+                        help="only write the labelled dataset (with a `corruption` column) "
+                        "to DIR and stop; jobs/data/gsm8k_noisy is made this way")
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="GSM8K file the rows come from")
     parser.add_argument("--note", action="append", default=[],
                         help="a note about this run to add to the JSON (repeatable)")
     args = parser.parse_args()
@@ -462,6 +472,11 @@ def main() -> None:
             parser.error(f"{args.engine_yaml} is not a YAML mapping")
         engine = loaded
     default_engine = engine == DEFAULT_ENGINE
+    if args.write_sample is not None:
+        _, info = build_dataset(args.data, args.rows, args.corrupt_share, args.seed,
+                                args.write_sample, args.split, label_column=True)
+        print(json.dumps({"wrote": str(args.write_sample), **info}, indent=2))
+        return
 
     import ray
 
@@ -567,6 +582,20 @@ def notes(result: dict[str, Any], engine: dict[str, Any]) -> list[str]:
         "harness alone keeps it near the CPU count; much higher means other processes shared "
         "the CPUs during the run and its timings are pessimistic.",
     ]
+    if result.get("baseline_raw_transformers_p_yes"):
+        out.append("The engine sorts prompts by length before batching (less padding), while the "
+                   "raw baseline batches them in input order; the raw time counts chat template, "
+                   "tokenizing and forward passes only, the pipeline's counts everything.")
+    for name, method in result["methods"].items():
+        low = (method.get("confidence_distribution") or {}).get("min")
+        if method["threshold"] is not None and low is not None and method["threshold"] <= low:
+            out.append(f"{name}: the median confidence ({method['threshold']}) is also the "
+                       "minimum, so auto_filter (keep confidence >= threshold) removed no row.")
+        unscorable = method["rows_in"] - method["scored_rows"]
+        if unscorable:
+            out.append(f"{name}: {unscorable} of {method['rows_in']} rows got no confidence "
+                       f"({method['other_reject_reasons']}); its AUROC and threshold use only "
+                       f"the {method['scored_rows']} scored rows.")
     if result["engine"]["default_bundled"]:
         out.append("The default judge is the bundled SmolLM2-135M-Instruct on CPU: far too small "
                    "to judge GSM8K solutions, so AUROCs near 0.5 are expected; use --engine-yaml "

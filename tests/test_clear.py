@@ -122,6 +122,9 @@ def test_final_number_prefers_the_gsm8k_marker_and_reads_commas():
     assert final_number("3 + 4 = 7 so\n#### 1,234") == 1234
     assert final_number("the answer is 12.5 dollars") == 12.5
     assert final_number("no digits") is None
+    assert final_number("So 60-15") == 15  # subtraction, not -15
+    assert final_number("pages 3,4") == 4  # two numbers, not 34
+    assert final_number("a loss of -7") == -7
 
 
 def test_answer_similarity_per_match_kind():

@@ -121,6 +121,17 @@ def test_auto_filter_quantile_and_absolute_thresholds(local_ray, tmp_path):
     assert sorted(r["id"] for r in read_rows(tmp_path / "out" / "data")) == ["r18", "r19"]
 
 
+def test_auto_filter_keeps_rows_tied_at_the_median_and_says_so(local_ray, tmp_path):
+    values = [0.0] * 6 + [0.5, 1.0, 1.0]  # coarse scores: the median is 0.0
+    write_shards(tmp_path / "in", [[{"id": f"r{i}", "instruction": f"q{i}", "output": "a",
+                                     "score_confidence": v} for i, v in enumerate(values)]])
+    summary = run_job(parse_job(confidence_job(tmp_path)))
+    step = next(s for s in summary["steps"] if s["name"] == "auto_filter")
+    assert step["threshold"] == 0.0 and step["rows_at_threshold"] == 6
+    assert step["rows_out"] == 9
+    assert "threshold 0.0000 (median of 9 rows, 6 rows at it, kept)" in format_summary(summary)
+
+
 def test_auto_filter_without_a_confidence_column_is_a_clear_error(local_ray, tmp_path):
     write_shards(tmp_path / "in", [[{"instruction": "q", "output": "a"}]])
     with pytest.raises(InputDataError, match="put a `score` step before it"):

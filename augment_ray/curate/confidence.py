@@ -11,7 +11,9 @@ import numpy as np
 
 # the last number of a text; GSM8K's '#### 42' final answer wins when present
 _FINAL_MARK = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# a minus right after a word ("60-15") is subtraction, not a sign; a comma groups thousands only
+# when three digits follow ("3,4" is two numbers)
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def final_number(text: str | None) -> float | None:

@@ -22,6 +22,7 @@ from augment_ray.rows import live_mask, reject_rows
 from augment_ray.steps.base import Step
 
 log = logging.getLogger(__name__)
+TIE_WARNING_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ class Threshold:
     value: float | None  # None: no live row has a confidence, nothing to compare
     how: str  # e.g. "median of 1,000 rows" or "absolute"
     rows: int = 0
+    tied: int = 0  # rows whose confidence equals a quantile threshold: all of them are kept
 
     def describe(self) -> dict[str, Any]:
         return {"threshold": None if self.value is None else round(self.value, 6),
-                "threshold_from": self.how, "scored_rows": self.rows}
+                "threshold_from": self.how, "scored_rows": self.rows,
+                "rows_at_threshold": self.tied}
 
 
 def _confidence(batch: pa.Table, column: str, step: str) -> pa.ChunkedArray:
@@ -71,8 +74,16 @@ def dataset_threshold(ds: ray.data.Dataset, spec: ConfidenceThresholdSpec, step:
     if len(values) == 0:
         return ds, Threshold(None, how)
     value = float(np.quantile(values, spec.quantile))
+    tied = int(np.count_nonzero(values == value))
     log.info("%s: threshold %.4f (%s)", step, value, how)
-    return ds, Threshold(value, how, len(values))
+    if tied > len(values) * TIE_WARNING_SHARE:
+        # coarse scores (a self-reflection of 1.0, a consistency of 0.0): rows at the threshold
+        # are kept, so far fewer rows than the quantile says may go
+        log.warning("%s: %d of %d rows have exactly the threshold confidence %.4f and are all "
+                    "kept; the scores are too coarse for a %s cut (combine methods, or set an "
+                    "absolute `threshold`)", step, tied, len(values), value,
+                    quantile_name(spec.quantile))
+    return ds, Threshold(value, how, len(values), tied)
 
 
 def split_by_threshold(batch: pa.Table, column: str, threshold: Threshold, step: str
