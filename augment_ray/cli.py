@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import click
 
@@ -16,7 +18,7 @@ EXIT_FAILED = 1
 EXIT_BAD_JOB = 2
 
 
-def _fail(error: AugmentRayError) -> None:
+def _fail(error: AugmentRayError) -> NoReturn:
     click.echo(f"error: {error}", err=True)
     sys.exit(error.exit_code)
 
@@ -74,15 +76,23 @@ def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrit
         if overwrite:
             update["mode"] = "overwrite"
         job = job.model_copy(update={"output": job.output.model_copy(update=update)})
+    from augment_ray.pipeline import run_job
+    from augment_ray.summary import format_summary
+
+    result = _reporting_errors(lambda: run_job(job, ray_address=ray_address), debug)
+    click.echo(format_summary(result))
+
+
+def _reporting_errors(work: Callable[[], Any], debug: bool) -> Any:
+    """Runs `work` and turns any failure into one paragraph and an exit code."""
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from augment_ray.pipeline import find_user_error, run_job
-    from augment_ray.summary import format_summary
+    from augment_ray.pipeline import find_user_error
 
     try:
-        result = run_job(job, ray_address=ray_address)
+        return work()
     except AugmentRayError as error:
         _fail(error)
     except Exception as error:  # a failure we did not anticipate: say so in one paragraph
@@ -98,7 +108,41 @@ def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrit
             err=True,
         )
         sys.exit(EXIT_FAILED)
-    click.echo(format_summary(result))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--ray-address", default=None,
+              help="Ray cluster to run on; default: $RAY_ADDRESS, else a private local Ray.")
+@click.option("--output", "output_uri", default=None, help="Override output.uri.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over: clear the output instead of resuming its finished rounds.")
+@click.option("--check", is_flag=True, help="Only validate JOB_FILE.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and Ray's own logs.")
+def loop(job_file: str, ray_address: str | None, output_uri: str | None, overwrite: bool,
+         check: bool, debug: bool) -> None:
+    """Run the LLM2LLM loop of JOB_FILE: per round, (train ->) evaluate the student on the seeds
+    -> take the seeds it got wrong -> the teacher writes new examples like them -> dedup ->
+    merge. A rerun resumes after the last finished round.
+
+    Exit code 0 on success, 1 when the run fails, 2 when the job file is invalid.
+    """
+    from augment_ray.loops.config import load_loop_job
+
+    try:
+        job = load_loop_job(job_file)
+    except AugmentRayError as error:
+        _fail(error)
+    if output_uri:
+        job = job.model_copy(update={"output": job.output.model_copy(update={"uri": output_uri})})
+    if check:
+        click.echo(f"{job_file}: valid loop job {job.name!r}, {job.rounds} rounds.")
+        return
+    from augment_ray.loops.llm2llm import format_loop_report, run_loop
+
+    report = _reporting_errors(
+        lambda: run_loop(job, ray_address=ray_address, overwrite=overwrite), debug)
+    click.echo(format_loop_report(report))
 
 
 @main.command()

@@ -636,6 +636,11 @@ def parse_job(data: Any, source: str = "job") -> JobSpec:
 
 
 def load_job(path: str | Path) -> JobSpec:
+    return parse_job(read_job_yaml(path), source=str(path))
+
+
+def read_job_yaml(path: str | Path) -> Any:
+    """The YAML of a job file, or a JobSpecError naming the file and the line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -650,4 +655,4 @@ def load_job(path: str | Path) -> JobSpec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise JobSpecError(f"{path} is not valid YAML{where}: {problem}.") from None
-    return parse_job(data, source=str(path))
+    return data

@@ -13,9 +13,9 @@ from typing import Any
 import ray
 import ray.data
 
-from augment_ray.config import JobSpec
+from augment_ray.config import InputSpec, JobSpec
 from augment_ray.errors import AugmentRayError, JobSpecError
-from augment_ray.io.read import check_first_shard, list_input_shards, read_shards
+from augment_ray.io.read import InputShard, check_first_shard, list_input_shards, read_shards
 from augment_ray.io.write import RoutingParquetSink, commit, prepare_output
 from augment_ray.steps import Step, build_steps
 from augment_ray.storage import Location, location
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 def connect_ray(address: str | None) -> None:
     """Join the cluster named by --ray-address or RAY_ADDRESS (set by `ray job submit`), or start
     a private local one. Never attaches to a stray local cluster by accident."""
+    # our errors (a missing column, a bad file) reach the driver as themselves, not as a
+    # UserCodeException that has lost them (what ds.materialize() etc. raise by default)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -34,6 +37,14 @@ def connect_ray(address: str | None) -> None:
     if address == "local":
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
+
+
+def read_dataset(spec: InputSpec, shards: list[InputShard]) -> ray.data.Dataset:
+    """The normalized rows of the input: one read task per shard (the resume unit)."""
+    return ray.data.from_items(
+        [{"path": shard.path, "format": shard.format} for shard in shards],
+        override_num_blocks=len(shards),
+    ).map_batches(read_shards, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow")
 
 
 def check_cpu_budget(steps: list[Step]) -> None:
@@ -90,14 +101,7 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     check_cpu_budget(steps)
     log.info("Run %s: %d input files, %d steps", run_id, len(shards), len(steps))
 
-    # our errors (a missing column, a bad file) reach the driver as themselves, not as a
-    # UserCodeException that has lost them (what ds.materialize() etc. raise by default)
-    ray.data.DataContext.get_current().raise_original_map_exception = True
-    ds = ray.data.from_items(
-        [{"path": shard.path, "format": shard.format} for shard in shards],
-        override_num_blocks=len(shards),
-    ).map_batches(read_shards, fn_kwargs={"spec": job.input}, batch_size=1,
-                  batch_format="pyarrow")
+    ds = read_dataset(job.input, shards)
     sink = RoutingParquetSink(output, run_id, job.output.max_rows_per_file)
     try:
         for step in steps:  # a barrier step runs everything before it here

@@ -1,0 +1,119 @@
+"""LLM2LLM tasks: the student answers a seed, a judge grades an answer, the teacher writes a new
+example like a seed the student got wrong (validated per task kind)."""
+
+from __future__ import annotations
+
+import re
+
+from augment_ray.curate.confidence import final_number
+from augment_ray.tasks.base import (
+    Messages,
+    ParseFailure,
+    Row,
+    detect_language,
+    extract_tagged,
+    load_template,
+)
+from augment_ray.tasks.judge import answer_prompt
+
+PREDICTION = "student_prediction"
+JUDGE_VERDICT = "judge_verdict"
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def find_label(text: str, labels: list[str]) -> str | None:
+    """The allowed label a text names: the whole text, else the first label that appears in
+    it as a word (longer labels first, so 'not spam' wins over 'spam')."""
+    folded = _normalized(text).strip(" .!\"'`*")
+    by_length = sorted(labels, key=len, reverse=True)
+    for label in by_length:
+        if folded == _normalized(label):
+            return label
+    hits = []
+    for label in by_length:
+        match = re.search(rf"(?<!\w){re.escape(_normalized(label))}(?!\w)", folded)
+        if match:
+            hits.append((match.start(), label))
+    return min(hits)[1] if hits else None
+
+
+class PredictTask:
+    """The student's answer to a seed instruction (never rejected: an empty answer is wrong)."""
+
+    generates_rows = False
+    template_version = "respond.v1"
+    output_columns = (PREDICTION,)
+
+    def prompts(self, row: Row) -> list[Messages]:
+        question = row["instruction"]
+        if row.get("input"):
+            question = f"{question}\n\n{row['input']}"
+        return [answer_prompt(question)]
+
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
+        return {PREDICTION: text.strip()}
+
+
+class JudgeGradeTask:
+    """An LLM judge says whether the student's answer matches the reference (grader llm_judge)."""
+
+    generates_rows = False
+    template_version = "grade_judge.v1"
+    output_columns = (JUDGE_VERDICT,)
+
+    def prompts(self, row: Row) -> list[Messages]:
+        template = load_template("grade_judge", "v1", detect_language(row["instruction"]))
+        content = template.render(instruction=row["instruction"],
+                                  reference=row.get("output") or "",
+                                  prediction=row.get(PREDICTION) or "")
+        return [[{"role": "user", "content": content}]]
+
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
+        word = re.match(r"\W*(yes|no|是|否)", text.strip(), flags=re.IGNORECASE)
+        if not word:
+            raise ParseFailure("unparsable_verdict", text[:500])
+        return {JUDGE_VERDICT: "yes" if word.group(1).lower() in ("yes", "是") else "no"}
+
+
+class TeacherTask:
+    """m new examples per wrong seed, each a <question>/<answer> pair validated for the task:
+    math answers end in '#### N', classification answers are an allowed label."""
+
+    generates_rows = True
+    output_columns = ("instruction", "output")
+
+    def __init__(self, task: str, per_wrong: int, labels: list[str] | None = None) -> None:
+        self.task = task
+        self.per_wrong = per_wrong
+        self.labels = labels or []
+        self.template_version = f"llm2llm_{task}.v1"
+
+    def prompts(self, row: Row) -> list[Messages]:
+        template = load_template(f"llm2llm_{self.task}", "v1",
+                                 detect_language(row["instruction"]))
+        content = template.render(instruction=row["instruction"],
+                                  response=row.get("output") or "",
+                                  labels=", ".join(self.labels))
+        return [[{"role": "user", "content": content}] for _ in range(self.per_wrong)]
+
+    def parse(self, row: Row, text: str) -> dict[str, str | None]:
+        question = extract_tagged(text, "question")
+        answer = extract_tagged(text, "answer")
+        if not question or answer is None:
+            raise ParseFailure("unparsable_example", text[:500])
+        if _normalized(question) == _normalized(row["instruction"]):
+            raise ParseFailure("copy_of_seed", question[:500])
+        if self.task == "math":
+            if "####" not in answer or final_number(answer.split("####")[-1]) is None:
+                raise ParseFailure("missing_final_answer", answer[:500])
+        elif self.task == "classification":
+            label = find_label(answer, self.labels)
+            if label is None:
+                raise ParseFailure("label_not_allowed", answer[:500])
+            answer = label
+        elif not answer.strip():
+            raise ParseFailure("empty_output", text[:500])
+        return {"instruction": question, "output": answer}
