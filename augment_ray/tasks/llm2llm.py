@@ -40,6 +40,24 @@ def find_label(text: str, labels: list[str]) -> str | None:
     return min(hits)[1] if hits else None
 
 
+_QUESTION_LABEL = re.compile(
+    r"^\W*(?:new\s+)?(?:problem|question|instruction|text|题目|问题|指令|文本)\s*[:\uff1a]",
+    re.IGNORECASE | re.MULTILINE)
+_ANSWER_LABEL = re.compile(
+    r"^\W*(?:solution|answer|response|label|解答|答案|回答|标签)\s*[:\uff1a]",
+    re.IGNORECASE | re.MULTILINE)
+_FINAL_LINE_END = re.compile(r"(####[^\n]*)[\s\S]*$")
+
+
+def split_labelled(text: str) -> tuple[str | None, str | None]:
+    """('Problem: ...', 'Solution: ...') written as labelled blocks instead of tags."""
+    question = _QUESTION_LABEL.search(text)
+    answer = _ANSWER_LABEL.search(text, question.end() if question else 0)
+    if not question or not answer:
+        return None, None
+    return text[question.end():answer.start()].strip() or None, text[answer.end():].strip()
+
+
 class PredictTask:
     """The student's answer to a seed instruction (never rejected: an empty answer is wrong)."""
 
@@ -100,10 +118,15 @@ class TeacherTask:
         return [[{"role": "user", "content": content}] for _ in range(self.per_wrong)]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
-        question = extract_tagged(text, "question")
-        answer = extract_tagged(text, "answer")
+        question, answer = extract_tagged(text, "question"), extract_tagged(text, "answer")
+        if not question or answer is None:
+            # small models often echo the prompt's own layout instead of the tags
+            question, answer = split_labelled(text)
         if not question or answer is None:
             raise ParseFailure("unparsable_example", text[:500])
+        if self.task == "math":
+            answer = _FINAL_LINE_END.sub(r"\1", answer)  # drop chatter after '#### N'
+
         if _normalized(question) == _normalized(row["instruction"]):
             raise ParseFailure("copy_of_seed", question[:500])
         if self.task == "math":
