@@ -77,7 +77,9 @@ def round_name(index: int) -> str:
 
 
 def job_digest(job: LoopJobSpec) -> str:
-    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+    """What must match for a rerun to resume: everything but the number of rounds (a finished
+    2-round run can be extended to 3)."""
+    return hashlib.sha256(job.model_dump_json(exclude={"rounds"}).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ storage
