@@ -97,8 +97,9 @@ class JudgeGradeTask:
 
 
 class TeacherTask:
-    """m new examples per wrong seed, each a <question>/<answer> pair validated for the task:
-    math answers end in '#### N', classification answers are an allowed label."""
+    """m new examples per wrong seed, each a labelled 'Problem: ... Solution: ...' pair (or
+    <question>/<answer> tags) validated for the task: math answers end in '#### N',
+    classification answers are an allowed label."""
 
     generates_rows = True
     output_columns = ("instruction", "output")
