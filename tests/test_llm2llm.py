@@ -242,3 +242,32 @@ def test_loop_resumes_after_the_last_finished_round(local_ray, tmp_path):
     data["teacher"]["per_wrong"] = 2  # another job: refused, not mixed
     with pytest.raises(Exception, match="holds a loop run of another job"):
         run_loop(parse_loop_job(data))
+
+
+@pytest.mark.integration
+def test_loop_runs_the_train_command_and_evaluates_the_model_it_wrote(local_ray, tmp_path):
+    from augment_ray.engines.model_files import resolve_model_dir
+    from augment_ray.loops.llm2llm import LoopError, run_loop
+
+    bundled = resolve_model_dir("bundled", None)
+    data = loop_job(tmp_path, seeds=[0], rounds=1, with_eval=False)
+    # a stand-in trainer: a real subprocess that writes a model folder (a copy of the bundled
+    # model) and notes which training set it was given
+    (tmp_path / "models").mkdir()
+    data["train"] = {
+        "command": f"cp -r {bundled} {{model_dir}} && echo {{train_dir}} > "
+                   "{model_dir}/trained_on.txt",
+        "model_dir": str(tmp_path / "models" / "round-{round}"),
+    }
+    report = run_loop(parse_loop_job(data))
+    model_dir = tmp_path / "models" / "round-0"
+    assert report["rounds"][0]["train"] == "ran"
+    assert report["rounds"][0]["student_model"] == str(model_dir)
+    assert (model_dir / "trained_on.txt").read_text().strip() == \
+        str(tmp_path / "out" / "round=00" / "train")
+    predictions = read(tmp_path / "out" / "round=00" / "predictions")
+    assert predictions[0]["student_model"] == str(model_dir)  # the student ran from there
+
+    data["train"]["command"] = "exit 3"
+    with pytest.raises(LoopError, match="the train command exited with 3"):
+        run_loop(parse_loop_job(data), overwrite=True)
