@@ -7,12 +7,15 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from augment_ray.config import JobSpec, load_job
 from augment_ray.errors import AugmentRayError
+
+if TYPE_CHECKING:
+    from augment_ray.loops.config import LoopJobSpec
 
 EXIT_FAILED = 1
 EXIT_BAD_JOB = 2
@@ -28,7 +31,15 @@ def _load(job_file: str) -> JobSpec:
         return load_job(job_file)
     except AugmentRayError as error:
         _fail(error)
-        raise  # unreachable
+
+
+def _load_loop(job_file: str) -> LoopJobSpec:
+    from augment_ray.loops.config import load_loop_job
+
+    try:
+        return load_loop_job(job_file)
+    except AugmentRayError as error:
+        _fail(error)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,8 +57,19 @@ def main() -> None:
 def validate(job_file: str) -> None:
     """Check JOB_FILE without running it: YAML, fields, engine references.
 
-    Exit code 0 when valid, 2 when not (with one paragraph naming the bad field).
+    Exit code 0 when valid, 2 when not (with one paragraph naming the bad field). A loop job
+    (one with `seeds:`) is checked as such.
     """
+    from augment_ray.config import read_job_yaml
+
+    try:
+        data = read_job_yaml(job_file)
+    except AugmentRayError as error:
+        _fail(error)
+    if isinstance(data, dict) and "seeds" in data:
+        _load_loop(job_file)
+        click.echo(f"{job_file}: valid loop job; run it with `augment-ray loop {job_file}`.")
+        return
     job = _load(job_file)
     click.echo(
         f"{job_file}: valid job {job.name!r}: {len(job.steps)} step(s) "
@@ -127,12 +149,7 @@ def loop(job_file: str, ray_address: str | None, output_uri: str | None, overwri
 
     Exit code 0 on success, 1 when the run fails, 2 when the job file is invalid.
     """
-    from augment_ray.loops.config import load_loop_job
-
-    try:
-        job = load_loop_job(job_file)
-    except AugmentRayError as error:
-        _fail(error)
+    job = _load_loop(job_file)
     if output_uri:
         job = job.model_copy(update={"output": job.output.model_copy(update={"uri": output_uri})})
     if check:

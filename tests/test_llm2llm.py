@@ -271,3 +271,21 @@ def test_loop_runs_the_train_command_and_evaluates_the_model_it_wrote(local_ray,
     data["train"]["command"] = "exit 3"
     with pytest.raises(LoopError, match="the train command exited with 3"):
         run_loop(parse_loop_job(data), overwrite=True)
+
+
+def test_cli_validates_loop_jobs_and_names_missing_sections(tmp_path):
+    from click.testing import CliRunner
+
+    from augment_ray.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(main, ["validate", str(DEMO)])
+    assert ok.exit_code == 0 and "valid loop job" in ok.output
+    checked = runner.invoke(main, ["loop", str(DEMO), "--check"])
+    assert checked.exit_code == 0 and "2 rounds" in checked.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: {uri: x}\noutput: {uri: y}\n")
+    result = runner.invoke(main, ["loop", str(bad)])
+    assert result.exit_code == 2
+    assert "engines: Field required; student: Field required; teacher: Field required" in \
+        result.output
