@@ -172,10 +172,13 @@ class Loop:
         self.output = output
 
     def step(self, name: str, engine: str, task: Any, sampling_overrides: Any = None,
-             retries: int = 0, engine_spec: EngineSpec | None = None) -> LLMStep:
+             retries: int = 0, engine_spec: EngineSpec | None = None,
+             seed_offset: int = 0) -> LLMStep:
         spec = engine_spec or self.job.engines[engine]
+        sampling = spec.sampling.merged(sampling_overrides)
+        sampling = sampling.model_copy(update={"seed": sampling.seed + seed_offset})
         return LLMStep(name=name, kind=name, engine_name=engine, engine_spec=spec, task=task,
-                       sampling=spec.sampling.merged(sampling_overrides),
+                       sampling=sampling,
                        options=RunOptions(max_retries=retries, keep_seeds=False))
 
     def predict(self, rows: pa.Table, student: EngineSpec, round_index: int,
@@ -236,8 +239,10 @@ class Loop:
             if name not in seeds.column_names:
                 seeds = seeds.append_column(name, pa.nulls(len(seeds), pa.string()))
         task = TeacherTask(job.teacher.task, job.teacher.per_wrong, job.teacher.labels)
+        # a new seed per round: with an unchanged student the same seeds are wrong again, and
+        # the same seed would write the same examples, all rejected as near duplicates
         step = self.step(TEACHER, job.teacher.engine, task, job.teacher.sampling,
-                         job.teacher.max_retries)
+                         job.teacher.max_retries, seed_offset=round_index)
         table = collect(step.apply(ray.data.from_arrow(seeds)))
         table = table.filter(pc.equal(table[ORIGIN_STEP], TEACHER))  # not the seeds themselves
         # ids: unique per round, since a seed can be wrong again in a later round
