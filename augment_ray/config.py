@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -583,14 +583,16 @@ class JobSpec(Spec):
                 )
             names.add(step.step_name)
             for field_name in ("engine", "judge"):
-                engine = getattr(step, field_name, None)
-                if engine is not None and engine not in self.engines:
-                    known = ", ".join(sorted(self.engines)) or "none are defined"
-                    raise ValueError(
-                        f"steps[{index}].{field_name}: {engine!r} is not an engine defined in "
-                        f"`engines` ({known})"
-                    )
+                check_engine_reference(f"steps[{index}].{field_name}",
+                                       getattr(step, field_name, None), self.engines)
         return self
+
+
+def check_engine_reference(where: str, name: str | None, engines: dict[str, Any]) -> None:
+    """A ValueError (reported against the job) when `name` is not one of `engines`."""
+    if name is not None and name not in engines:
+        known = ", ".join(sorted(engines)) or "none are defined"
+        raise ValueError(f"{where}: {name!r} is not an engine defined in `engines` ({known})")
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -626,13 +628,21 @@ _STEP_KINDS = {
 }
 
 
-def parse_job(data: Any, source: str = "job") -> JobSpec:
+SpecT = TypeVar("SpecT", bound=Spec)
+
+
+def validate_spec(model: type[SpecT], data: Any, source: str) -> SpecT:
+    """`data` (parsed YAML) as `model`, or a JobSpecError naming every bad field."""
     if not isinstance(data, dict):
         raise JobSpecError(f"{source} is not a valid job: expected a mapping of keys at the top.")
     try:
-        return JobSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise JobSpecError(format_validation_error(source, error)) from None
+
+
+def parse_job(data: Any, source: str = "job") -> JobSpec:
+    return validate_spec(JobSpec, data, source)
 
 
 def load_job(path: str | Path) -> JobSpec:

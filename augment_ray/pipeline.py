@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -103,15 +105,10 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
 
     ds = read_dataset(job.input, shards)
     sink = RoutingParquetSink(output, run_id, job.output.max_rows_per_file)
-    try:
+    with user_errors_unwrapped():
         for step in steps:  # a barrier step runs everything before it here
             ds = step.apply(ds)
         ds.write_datasink(sink)
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is not None:
-            raise user_error from None
-        raise
 
     stats = sink.result
     wall = time.perf_counter() - started
@@ -143,6 +140,18 @@ def _schema_of(output: Location, files: list[str]) -> list[dict[str, str]]:
 
     schema = pq.read_schema(output.join(files[0]).path, filesystem=output.fs)
     return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+@contextlib.contextmanager
+def user_errors_unwrapped() -> Iterator[None]:
+    """Re-raise our own error from inside a Ray-wrapped one, so the user sees its message."""
+    try:
+        yield
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is not None:
+            raise user_error from None
+        raise
 
 
 def find_user_error(error: BaseException) -> AugmentRayError | None:

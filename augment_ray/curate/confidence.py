@@ -41,6 +41,10 @@ def _fold(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def numbers_match(got: float | None, expected: float) -> bool:
+    return got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
+
+
 def token_f1(a: str, b: str) -> float:
     """F1 of the two texts' word bags (lower-cased; CJK characters count as words)."""
     left, right = Counter(words(a.lower())), Counter(words(b.lower()))
@@ -61,8 +65,7 @@ def answer_similarity(sample: str, response: str, match: str) -> float | None:
         expected = final_number(response)
         if expected is None:
             return None
-        got = final_number(sample)
-        return float(got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected)))
+        return float(numbers_match(final_number(sample), expected))
     if match == "token_f1":
         return token_f1(sample, response)
     raise ValueError(f"unknown match {match!r}")

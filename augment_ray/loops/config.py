@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from augment_ray.config import (
     EngineSpec,
@@ -13,10 +13,10 @@ from augment_ray.config import (
     OutputSpec,
     SamplingOverrides,
     Spec,
-    format_validation_error,
+    check_engine_reference,
     read_job_yaml,
+    validate_spec,
 )
-from augment_ray.errors import JobSpecError
 
 
 class TrainSpec(Spec):
@@ -110,20 +110,12 @@ class LoopJobSpec(Spec):
         for where, name in (("student.engine", self.student.engine),
                             ("teacher.engine", self.teacher.engine),
                             ("grader.engine", self.grader.engine)):
-            if name is not None and name not in self.engines:
-                known = ", ".join(sorted(self.engines)) or "none are defined"
-                raise ValueError(f"{where}: {name!r} is not an engine defined in `engines` "
-                                 f"({known})")
+            check_engine_reference(where, name, self.engines)
         return self
 
 
 def parse_loop_job(data: Any, source: str = "job") -> LoopJobSpec:
-    if not isinstance(data, dict):
-        raise JobSpecError(f"{source} is not a valid loop job: expected a mapping of keys.")
-    try:
-        return LoopJobSpec.model_validate(data)
-    except ValidationError as error:
-        raise JobSpecError(format_validation_error(source, error)) from None
+    return validate_spec(LoopJobSpec, data, source)
 
 
 def load_loop_job(path: str | Path) -> LoopJobSpec:

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from augment_ray.config import NormalizeSpec
 from augment_ray.curate import minhash
-from augment_ray.curate.confidence import final_number
+from augment_ray.curate.confidence import answer_similarity, final_number, numbers_match
 from augment_ray.curate.text import fold
 from augment_ray.loops.config import GraderSpec, LoopDedupSpec
 from augment_ray.tasks.llm2llm import find_label
@@ -28,10 +28,10 @@ def grade(prediction: str | None, reference: str | None, spec: GraderSpec,
         expected, got = final_number(reference), final_number(prediction)
         if expected is None:
             return False, "reference has no final number"
-        correct = got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
-        return correct, f"expected {expected:g}, got {'none' if got is None else f'{got:g}'}"
+        shown = "none" if got is None else f"{got:g}"
+        return numbers_match(got, expected), f"expected {expected:g}, got {shown}"
     if spec.kind == "exact":
-        correct = " ".join(prediction.lower().split()) == " ".join(reference.lower().split())
+        correct = answer_similarity(prediction, reference, "exact") == 1.0
         return correct, "exact match" if correct else "differs"
     labels = spec.labels or []
     expected_label, got_label = find_label(reference, labels), find_label(prediction, labels)

@@ -42,7 +42,12 @@ from augment_ray.io.read import list_input_shards
 from augment_ray.io.write import write_json
 from augment_ray.loops.config import LoopJobSpec
 from augment_ray.loops.graders import NearDuplicateIndex, grade
-from augment_ray.pipeline import check_cpu_budget, connect_ray, find_user_error, read_dataset
+from augment_ray.pipeline import (
+    check_cpu_budget,
+    connect_ray,
+    read_dataset,
+    user_errors_unwrapped,
+)
 from augment_ray.rows import ID, ORIGIN_STEP, REJECT_REASON, REJECT_STEP, SOURCE_ID, derived_id
 from augment_ray.steps.engine_pool import prepare_engine
 from augment_ray.steps.llm import LLMStep, RunOptions
@@ -350,7 +355,7 @@ def run_loop(job: LoopJobSpec, *, ray_address: str | None = None,
     for name in {job.student.engine, job.teacher.engine, job.grader.engine} - {None}:
         # stages run one after another: each pool alone must leave a CPU free
         check_cpu_budget([loop.step("budget", name, PredictTask())])
-    try:
+    with user_errors_unwrapped():
         seeds, seed_rejects = read_input(job.seeds)
         if len(seed_rejects):
             write_table(output, "_rejects/seeds", seed_rejects)
@@ -376,11 +381,6 @@ def run_loop(job: LoopJobSpec, *, ray_address: str | None = None,
             train, student_model, report = loop.run_round(r, seeds, eval_rows, train,
                                                           student_model)
             reports.append(report)
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is not None:
-            raise user_error from None
-        raise
     write_table(output, "train", train)
     summary = {"job": job.name, "rounds": reports, "final_train_rows": len(train),
                "seed_rows": len(seeds), "seed_rows_rejected": len(seed_rejects),

@@ -77,6 +77,13 @@ def _token_word(token: str) -> str:
     return re.sub(r"[\W_]+", "", token).lower()
 
 
+def yes_no_answer(text: str) -> bool | None:
+    """True/False when an answer's first word is a Yes/No variant, else None."""
+    match = re.match(r"\W*(\w+)", text)
+    word = _token_word(match.group(1)) if match else ""
+    return True if word in YES_TOKENS else False if word in NO_TOKENS else None
+
+
 def yes_probability(top: dict[str, float]) -> float | None:
     """P(Yes) / (P(Yes) + P(No)) from one step's top logprobs, adding up the variants of each
     word (' Yes', 'Yes', 'yes', '是'). None when neither word is among the top tokens."""

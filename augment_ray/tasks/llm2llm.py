@@ -14,7 +14,7 @@ from augment_ray.tasks.base import (
     extract_tagged,
     load_template,
 )
-from augment_ray.tasks.judge import answer_prompt
+from augment_ray.tasks.judge import answer_prompt, yes_no_answer
 
 PREDICTION = "student_prediction"
 JUDGE_VERDICT = "judge_verdict"
@@ -90,10 +90,10 @@ class JudgeGradeTask:
         return [[{"role": "user", "content": content}]]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
-        word = re.match(r"\W*(yes|no|是|否)", text.strip(), flags=re.IGNORECASE)
-        if not word:
+        verdict = yes_no_answer(text)
+        if verdict is None:
             raise ParseFailure("unparsable_verdict", text[:500])
-        return {JUDGE_VERDICT: "yes" if word.group(1).lower() in ("yes", "是") else "no"}
+        return {JUDGE_VERDICT: "yes" if verdict else "no"}
 
 
 class TeacherTask:
