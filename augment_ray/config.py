@@ -254,7 +254,9 @@ class OpenAIEngineSpec(Spec):
     timeout_s: float = Field(120.0, gt=0, description="per request")
     replicas: int = Field(1, gt=0, description="actors sending requests")
     batch_size: int = Field(32, gt=0, description="rows per actor call")
-    num_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per actor (it waits on HTTP)")
+    num_cpus: float = Field(
+        0.25, gt=0, description="CPUs Ray reserves per actor (it waits on HTTP)"
+    )
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="provider-specific request fields, sent as given"
     )

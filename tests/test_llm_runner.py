@@ -8,7 +8,7 @@ import pyarrow as pa
 from augment_ray.config import SamplingParams
 from augment_ray.engines import Completion
 from augment_ray.rows import derived_id
-from augment_ray.steps.llm import LLMTaskRunner, RunOptions
+from augment_ray.steps.llm import GenerationRows, LLMTaskRunner, RunOptions
 from augment_ray.tasks.expand import ExpandTask
 from augment_ray.tasks.respond import RespondTask
 
@@ -30,10 +30,11 @@ class ScriptedEngine:
 
 def runner(task, engine, **options) -> LLMTaskRunner:
     built = object.__new__(LLMTaskRunner)  # skip loading a model; everything else is real
-    built.step, built.engine_name, built.task = "s", "e", task
-    built.sampling = SamplingParams(temperature=0.0, max_tokens=8)
+    built.step, built.task = "s", task
     built.options = RunOptions(**options)
     built.engine = engine
+    built.out = GenerationRows("s", "e", "scripted", task,
+                               SamplingParams(temperature=0.0, max_tokens=8))
     return built
 
 

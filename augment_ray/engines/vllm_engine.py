@@ -4,6 +4,7 @@ actor pool (`VllmEngine`, for steps that call the model several times per row)."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +74,14 @@ def vllm_sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
     if sampling.json_schema is not None:
         kwargs["structured_outputs"] = {"json": json.loads(sampling.json_schema)}
     return kwargs
+
+
+def request_seed(seed: int, messages_json: str, salt: str) -> int:
+    """vLLM seeds each request on its own: identical prompts with one seed give identical
+    answers. A seed from (job seed, prompt, salt) keeps runs reproducible whatever the
+    batching, and makes the n-th copy of a prompt (expand's n, a retried row) sample anew."""
+    digest = hashlib.blake2b(f"{seed}\x1f{messages_json}\x1f{salt}".encode(), digest_size=4)
+    return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
 
 
 def top_logprobs_by_text(steps: Any) -> tuple[dict[str, float], ...] | None:
@@ -152,10 +161,15 @@ class VllmEngine:
                 runnable.append((index, list(ids)))
         kwargs = vllm_sampling_kwargs(sampling)
         structured = kwargs.pop("structured_outputs", None)
-        params = VllmSampling(
-            **kwargs,
-            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
-        )
+        seen: dict[str, int] = {}
+        params = []
+        for index, _ in runnable:
+            text = json.dumps(prompts[index])
+            seen[text] = seen.get(text, -1) + 1
+            params.append(VllmSampling(
+                **{**kwargs, "seed": request_seed(sampling.seed, text, str(seen[text]))},
+                structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+            ))
         if runnable:
             try:
                 outputs = self.llm.generate(

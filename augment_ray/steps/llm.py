@@ -86,21 +86,20 @@ class Generation:
     failure: tuple[str, str] | None = None
 
 
-class LLMTaskRunner(EngineActor):
-    """Ray Data actor UDF: loads the engine once, then answers one batch of rows per call."""
+class GenerationRows:
+    """Turns answered generations into output rows: the one place that knows the lineage
+    columns, how an annotating task fills its row, and how a generating task makes new rows.
+    Both ways of running a step (our engine pool, ray.data.llm) use it."""
 
-    def __init__(
-        self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
-        sampling: SamplingParams, options: RunOptions,
-    ) -> None:
-        super().__init__(engine_spec)
+    def __init__(self, step: str, engine_name: str, model_name: str, task: LLMTask,
+                 sampling: SamplingParams) -> None:
         self.step = step
         self.engine_name = engine_name
+        self.model_name = model_name
         self.task = task
         self.sampling = sampling
-        self.options = options
 
-    def _sampling(self, attempt: int) -> SamplingParams:
+    def sampling_for(self, attempt: int) -> SamplingParams:
         if attempt == 0:
             return self.sampling
         return self.sampling.model_copy(update={
@@ -108,39 +107,33 @@ class LLMTaskRunner(EngineActor):
             "temperature": max(self.sampling.temperature, RETRY_MIN_TEMPERATURE),
         })
 
-    @cache  # noqa: B019 - one runner per actor; a handful of attempts
+    @cache  # noqa: B019 - one instance per actor; a handful of attempts
     def _sampling_json(self, attempt: int) -> str:
-        return json.dumps(self._sampling(attempt).model_dump(), sort_keys=True)
+        return json.dumps(self.sampling_for(attempt).model_dump(), sort_keys=True)
 
-    def _generate(self, rows: dict[int, dict], generations: list[Generation]) -> None:
-        pending = generations
-        for attempt in range(self.options.max_retries + 1):
-            if not pending:
-                break
-            results = self.engine.generate([g.messages for g in pending], self._sampling(attempt))
-            retry = []
-            for generation, result in zip(pending, results, strict=True):
-                generation.attempts = attempt + 1
-                if isinstance(result, GenerationFailure):
-                    generation.failure = (result.reason, result.detail)
-                    continue
-                generation.completion = result
-                if result.finish_reason == "length" and self.options.reject_truncated:
-                    generation.failure = ("truncated", result.text[:500])
-                    continue
-                try:
-                    generation.values = self.task.parse(rows[generation.row], result.text)
-                    generation.failure = None
-                except ParseFailure as failure:
-                    generation.failure = (failure.reason, failure.detail or result.text[:500])
-                    retry.append(generation)
-            pending = retry
+    def parse(self, row: dict, generation: Generation, result: Completion | GenerationFailure,
+              reject_truncated: bool) -> bool:
+        """Record `result` on `generation`; True when the answer could not be parsed."""
+        if isinstance(result, GenerationFailure):
+            generation.failure = (result.reason, result.detail)
+            return False
+        generation.completion = result
+        if result.finish_reason == "length" and reject_truncated:
+            generation.failure = ("truncated", result.text[:500])
+            return False
+        try:
+            generation.values = self.task.parse(row, result.text)
+            generation.failure = None
+        except ParseFailure as failure:
+            generation.failure = (failure.reason, failure.detail or result.text[:500])
+            return True
+        return False
 
-    def _lineage(self, generation: Generation) -> dict[str, Any]:
+    def lineage(self, generation: Generation) -> dict[str, Any]:
         completion = generation.completion
         return {
             f"{self.step}_engine": self.engine_name,
-            f"{self.step}_model": self.engine.model_name,
+            f"{self.step}_model": self.model_name,
             f"{self.step}_template": self.task.template_version,
             f"{self.step}_sampling": self._sampling_json(generation.attempts - 1),
             f"{self.step}_prompt_tokens": completion.prompt_tokens if completion else None,
@@ -149,34 +142,9 @@ class LLMTaskRunner(EngineActor):
             f"{self.step}_attempts": generation.attempts,
         }
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        live = live_mask(table).to_pylist()
-        indices = [i for i, alive in enumerate(live) if alive]
-        rows = dict(zip(indices, table.take(indices).to_pylist(), strict=True)) if indices else {}
-        if hasattr(self.task, "with_batch"):  # tasks that show other rows as examples
-            self.task.with_batch(list(rows.values()))
-        generations: list[Generation] = []
-        unpromptable: dict[int, tuple[str, str]] = {}
-        for index, row in rows.items():
-            try:
-                prompts = self.task.prompts(row)
-            except ParseFailure as failure:  # the row cannot be turned into a prompt
-                unpromptable[index] = (failure.reason, failure.detail)
-                continue
-            generations += [Generation(index, k, m) for k, m in enumerate(prompts)]
-
-        started = time.perf_counter()
-        self._generate(rows, generations)
-        seconds = time.perf_counter() - started
-        tokens = sum(g.completion.completion_tokens for g in generations if g.completion)
-        log.info("%s: %d rows, %d generations, %d tokens in %.1fs (%.1f tok/s)", self.step,
-                 len(rows), len(generations), tokens, seconds, tokens / seconds if seconds else 0)
-        if self.task.generates_rows:
-            return self._with_new_rows(table, rows, generations, unpromptable)
-        return self._annotated(table, generations, unpromptable)
-
-    def _annotated(self, table: pa.Table, generations: list[Generation],
-                   unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
+    def annotated(self, table: pa.Table, generations: list[Generation],
+                  unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
+        """`table` with the task's columns filled from each row's generation."""
         n = len(table)
         # rows the step did not answer keep what they had (a response it did not replace)
         columns: dict[str, list[Any]] = {
@@ -185,7 +153,7 @@ class LLMTaskRunner(EngineActor):
         }
         failures = dict(unpromptable)
         for generation in generations:
-            for name, value in self._lineage(generation).items():
+            for name, value in self.lineage(generation).items():
                 columns[name][generation.row] = value
             if generation.failure:
                 failures[generation.row] = generation.failure
@@ -196,31 +164,27 @@ class LLMTaskRunner(EngineActor):
                  **lineage_columns(self.step)}
         for name, values in columns.items():
             table = set_column(table, name, pa.array(values, kinds[name]))
-        return self._reject_rows(table, failures)
-
-    def _reject_rows(self, table: pa.Table, failures: dict[int, tuple[str, str]]) -> pa.Table:
         return reject_rows(table, self.step, failures)
 
-    def _with_new_rows(self, table: pa.Table, rows: dict[int, dict],
-                       generations: list[Generation],
-                       unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
+    def with_new_columns(self, table: pa.Table) -> pa.Table:
         new_kinds = {**dict.fromkeys(self.task.output_columns, pa.string()),
                      **lineage_columns(self.step, generates_rows=True)}
         for name, kind in new_kinds.items():
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(len(table), kind))
-        failures = dict(unpromptable)
-        if not self.options.keep_seeds:
-            failures.update({i: ("seed_not_kept", "") for i in rows if i not in failures})
-        seeds = self._reject_rows(table, failures)
+        return table
 
-        blank = dict.fromkeys(table.column_names)
+    def with_new_rows(self, seeds: pa.Table, rows: dict[int, dict],
+                      generations: list[Generation]) -> pa.Table:
+        """`seeds` (already given the new columns) plus one new row per generation; a
+        generation's `row` is its seed's key in `rows`."""
+        blank = dict.fromkeys(seeds.column_names)
         created = []
         for generation in generations:
             seed = rows[generation.row]
             row = {
                 **blank,
-                **self._lineage(generation),
+                **self.lineage(generation),
                 **(generation.values or {}),
                 ID: derived_id(seed[ID], self.step, generation.index),
                 SOURCE_ID: seed[SOURCE_ID],
@@ -234,6 +198,78 @@ class LLMTaskRunner(EngineActor):
         if not created:
             return seeds
         return pa.concat_tables([seeds, pa.Table.from_pylist(created, schema=seeds.schema)])
+
+
+def prompt_rows(task: LLMTask, rows: dict[int, dict]
+                ) -> tuple[list[Generation], dict[int, tuple[str, str]]]:
+    """The generations to run for live `rows`, and the rows that cannot be prompted."""
+    if hasattr(task, "with_batch"):  # tasks that show other rows as examples
+        task.with_batch(list(rows.values()))
+    generations: list[Generation] = []
+    unpromptable: dict[int, tuple[str, str]] = {}
+    for index, row in rows.items():
+        try:
+            prompts = task.prompts(row)
+        except ParseFailure as failure:  # the row cannot be turned into a prompt
+            unpromptable[index] = (failure.reason, failure.detail)
+            continue
+        generations += [Generation(index, k, m) for k, m in enumerate(prompts)]
+    return generations, unpromptable
+
+
+def live_rows(table: pa.Table) -> dict[int, dict]:
+    live = live_mask(table).to_pylist()
+    indices = [i for i, alive in enumerate(live) if alive]
+    return dict(zip(indices, table.take(indices).to_pylist(), strict=True)) if indices else {}
+
+
+class LLMTaskRunner(EngineActor):
+    """Ray Data actor UDF: loads the engine once, then answers one batch of rows per call."""
+
+    def __init__(
+        self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
+        sampling: SamplingParams, options: RunOptions,
+    ) -> None:
+        super().__init__(engine_spec)
+        self.step = step
+        self.task = task
+        self.options = options
+        self.out = GenerationRows(step, engine_name, self.engine.model_name, task, sampling)
+
+    def _generate(self, rows: dict[int, dict], generations: list[Generation]) -> None:
+        pending = generations
+        for attempt in range(self.options.max_retries + 1):
+            if not pending:
+                break
+            results = self.engine.generate([g.messages for g in pending],
+                                           self.out.sampling_for(attempt))
+            retry = []
+            for generation, result in zip(pending, results, strict=True):
+                generation.attempts = attempt + 1
+                if self.out.parse(rows[generation.row], generation, result,
+                                  self.options.reject_truncated):
+                    retry.append(generation)
+            pending = retry
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = live_rows(table)
+        generations, unpromptable = prompt_rows(self.task, rows)
+        started = time.perf_counter()
+        self._generate(rows, generations)
+        log_generation(self.step, len(rows), generations, time.perf_counter() - started)
+        if not self.task.generates_rows:
+            return self.out.annotated(table, generations, unpromptable)
+        failures = dict(unpromptable)
+        if not self.options.keep_seeds:
+            failures.update({i: ("seed_not_kept", "") for i in rows if i not in failures})
+        seeds = reject_rows(self.out.with_new_columns(table), self.step, failures)
+        return self.out.with_new_rows(seeds, rows, generations)
+
+
+def log_generation(step: str, rows: int, generations: list[Generation], seconds: float) -> None:
+    tokens = sum(g.completion.completion_tokens for g in generations if g.completion)
+    log.info("%s: %d rows, %d generations, %d tokens in %.1fs (%.1f tok/s)", step, rows,
+             len(generations), tokens, seconds, tokens / seconds if seconds else 0)
 
 
 class LLMStep(Step):
@@ -250,6 +286,10 @@ class LLMStep(Step):
         self.options = options or RunOptions()
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        if self.runs_on_ray_data_llm:
+            from augment_ray.steps.ray_data_llm import apply_with_ray_data_llm
+
+            return apply_with_ray_data_llm(ds, self)
         return map_with_engine_pool(ds, LLMTaskRunner, self.engine_spec, {
             "step": self.name,
             "engine_name": self.engine_name,
@@ -257,6 +297,11 @@ class LLMStep(Step):
             "sampling": self.sampling,
             "options": self.options,
         })
+
+    @property
+    def runs_on_ray_data_llm(self) -> bool:
+        spec = self.engine_spec
+        return spec.kind == "vllm" and spec.execution == "ray_data_llm"
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)
@@ -275,5 +320,6 @@ class LLMStep(Step):
             **describe_engine(self.engine_name, self.engine_spec),
             "template": self.task.template_version,
             "sampling": self.sampling.model_dump(),
-            "max_retries": self.options.max_retries,
+            # the processor answers each prompt once (see steps/ray_data_llm.py)
+            "max_retries": 0 if self.runs_on_ray_data_llm else self.options.max_retries,
         }

