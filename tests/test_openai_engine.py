@@ -76,7 +76,7 @@ class FaultProxy:
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status, headers, body = proxy.handle(self.path, dict(self.headers), raw)
-                proxy.before_reply()
+                last = proxy.before_reply()
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -84,7 +84,7 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
-                proxy.after_reply()
+                proxy.after_reply(last)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -92,7 +92,7 @@ class FaultProxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._upstream_client = httpx.Client(timeout=60)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     @property
@@ -128,18 +128,19 @@ class FaultProxy:
             self.forwarded += 1
         return response.status_code, {"Content-Type": "application/json"}, response.content
 
-    def before_reply(self) -> None:
+    def before_reply(self) -> bool:
+        """Subprocess mode: True for the last reply before dying; later replies never go."""
         if self.die_after_responses is None:
-            return
+            return False
         with self._lock:
             self._sent += 1
-            withhold = self._sent > self.die_after_responses
-        if withhold:  # answer nothing more: the process dies with this request in flight
+            sent = self._sent
+        if sent > self.die_after_responses:  # the process dies with this request in flight
             time.sleep(3600)
+        return sent == self.die_after_responses
 
-    def after_reply(self) -> None:
-        if self.die_after_responses is not None and self._sent == self.die_after_responses:
-            print("dying", flush=True)
+    def after_reply(self, last: bool) -> None:
+        if last:
             time.sleep(0.5)  # let the client send its next requests, so some are in flight
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -353,7 +354,8 @@ def test_server_killed_mid_run(server: str) -> None:
     try:
         assert proxy.stdout is not None
         port = int(proxy.stdout.readline())
-        engine = engine_for(f"http://127.0.0.1:{port}/v1", max_concurrency=3, max_retries=2)
+        engine = engine_for(f"http://127.0.0.1:{port}/v1", max_concurrency=3, max_retries=2,
+                            timeout_s=20)
         started = time.monotonic()
         results = engine.generate(PROMPTS[:6], GREEDY)
         engine.close()

@@ -312,6 +312,10 @@ class LLMStep(Step):
                 *lineage_columns(self.name, generates_rows=self.task.generates_rows)]
 
     def cpu_request(self) -> float:
+        if self.runs_on_ray_data_llm:
+            from augment_ray.steps.ray_data_llm import processor_cpus
+
+            return processor_cpus(self.engine_spec)
         return pool_cpus(self.engine_spec)
 
     def describe(self) -> dict[str, Any]:

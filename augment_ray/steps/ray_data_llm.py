@@ -32,6 +32,7 @@ from augment_ray.engines.vllm_engine import (
     vllm_sampling_kwargs,
 )
 from augment_ray.rows import ID, reject_rows
+from augment_ray.steps.engine_pool import pool_cpus, replica_range
 
 if TYPE_CHECKING:
     from augment_ray.steps.llm import LLMStep
@@ -174,6 +175,11 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str) -> pa.Table:
 def _column(table: pa.Table, name: str) -> list[Any]:
     # a block where every row passed through has none of the processor's output columns
     return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def processor_cpus(spec: VllmEngineSpec) -> float:
+    """The engines' CPUs plus the processor's three tokenizer stages, at their largest."""
+    return pool_cpus(spec) + 3 * CPU_STAGE_CPUS * replica_range(spec)[1]
 
 
 def processor_config(spec: VllmEngineSpec) -> Any:

@@ -97,7 +97,8 @@ class ScoreRunner(EngineActor):
         self.p_yes_sampling = self.judge_sampling.model_copy(
             update={"max_tokens": spec.p_yes_tokens})
         self.rubric_sampling = SamplingParams(
-            temperature=0.0, max_tokens=spec.rubric_max_tokens, seed=sampling.seed
+            temperature=0.0, max_tokens=spec.rubric_max_tokens, seed=sampling.seed,
+            json_schema=judge.RUBRIC_SCHEMA,
         )
         # one engine call per sample index, each with its own seed: engines that seed every
         # request (vLLM) would otherwise return k copies of one answer

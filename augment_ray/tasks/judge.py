@@ -23,6 +23,12 @@ JUDGE_TEMPLATES = {
 # scores of the BSDetector self-reflection choices
 REFLECTION_SCORES = {"A": 1.0, "B": 0.0, "C": 0.5}
 RUBRIC_KEYS = ("accuracy", "helpfulness", "detail")
+# engines that support guided decoding (vLLM, OpenAI-compatible servers) are held to it
+RUBRIC_SCHEMA = {
+    "type": "object",
+    "properties": {key: {"type": "integer", "minimum": 1, "maximum": 5} for key in RUBRIC_KEYS},
+    "required": list(RUBRIC_KEYS),
+}
 
 YES_TOKENS = frozenset({"yes", "y", "true", "是", "是的", "对", "正确"})
 NO_TOKENS = frozenset({"no", "n", "false", "否", "不", "不是", "错误"})
