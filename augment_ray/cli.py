@@ -26,9 +26,9 @@ def _fail(error: AugmentRayError) -> NoReturn:
     sys.exit(error.exit_code)
 
 
-def _load(job_file: str) -> JobSpec:
+def _load(job_file: str, ds: str | None = None) -> JobSpec:
     try:
-        return load_job(job_file)
+        return load_job(job_file, ds)
     except AugmentRayError as error:
         _fail(error)
 
@@ -52,9 +52,16 @@ def main() -> None:
     """
 
 
+DS_OPTION = click.option(
+    "--ds", default=None, metavar="YYYY-MM-DD",
+    help="Run date filling {ds}/{ds_nodash}/{yesterday_ds} in the job file; default: today (UTC).",
+)
+
+
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
-def validate(job_file: str) -> None:
+@DS_OPTION
+def validate(job_file: str, ds: str | None) -> None:
     """Check JOB_FILE without running it: YAML, fields, engine references.
 
     Exit code 0 when valid, 2 when not (with one paragraph naming the bad field). A loop job
@@ -63,14 +70,14 @@ def validate(job_file: str) -> None:
     from augment_ray.config import read_job_yaml
 
     try:
-        data = read_job_yaml(job_file)
+        data = read_job_yaml(job_file, ds)
     except AugmentRayError as error:
         _fail(error)
     if isinstance(data, dict) and "seeds" in data:
         _load_loop(job_file)
         click.echo(f"{job_file}: valid loop job; run it with `augment-ray loop {job_file}`.")
         return
-    job = _load(job_file)
+    job = _load(job_file, ds)
     click.echo(
         f"{job_file}: valid job {job.name!r}: {len(job.steps)} step(s) "
         f"[{', '.join(s.step_name for s in job.steps) or 'none'}], "
@@ -84,15 +91,21 @@ def validate(job_file: str) -> None:
 @click.option("--ray-address", default=None,
               help="Ray cluster to run on; default: $RAY_ADDRESS, else a private local Ray.")
 @click.option("--output", "output_uri", default=None, help="Override output.uri.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (output.mode).")
+@click.option("--overwrite", "--force", "overwrite", is_flag=True,
+              help="Replace an existing output, even a committed run of this job (output.mode).")
+@DS_OPTION
 @click.option("--debug", is_flag=True, help="Show tracebacks and Ray's own logs.")
 def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrite: bool,
-        debug: bool) -> None:
+        ds: str | None, debug: bool) -> None:
     """Run JOB_FILE: read the input, apply the steps, write output shards, rejects and a summary.
 
-    Exit code 0 on success, 1 when the run fails, 2 when the job file is invalid.
+    With output.mode error-if-exists (the default), an output already committed by this job
+    (same spec, same --ds) is left alone and the run is a no-op: nightly reruns are safe.
+
+    Exit code 0 on success (or nothing to do), 1 when the run fails, 2 when the job file is
+    invalid.
     """
-    job = _load(job_file)
+    job = _load(job_file, ds)
     if output_uri or overwrite:
         update = {"uri": output_uri or job.output.uri}
         if overwrite:
@@ -160,6 +173,67 @@ def loop(job_file: str, ray_address: str | None, output_uri: str | None, overwri
     report = _reporting_errors(
         lambda: run_loop(job, ray_address=ray_address, overwrite=overwrite), debug)
     click.echo(format_loop_report(report))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--address", default=None, envvar="RAY_ADDRESS", show_envvar=True,
+              help="The cluster's dashboard, e.g. http://HEAD:8265.")
+@DS_OPTION
+@click.option("--wait", is_flag=True, help="Stream the driver's log; exit with the job's status.")
+@click.option("--working-dir", default=".", show_default=True,
+              help="Folder shipped to the cluster (the job file must be inside it).")
+@click.option("--no-working-dir", is_flag=True,
+              help="Ship nothing: augment-ray and the job file are already on the cluster.")
+@click.option("--pip", "pip_packages", multiple=True, metavar="REQ",
+              help="pip requirement installed for the job, e.g. 'augment-ray[vllm]'. Repeatable.")
+@click.option("--env", "env_names", multiple=True, metavar="NAME",
+              help="Environment variable passed to the job by NAME (its value is read here, "
+                   "never printed), e.g. AWS_ACCESS_KEY_ID. Repeatable.")
+@click.option("--output", "output_uri", default=None, help="Override output.uri.")
+@click.option("--force", is_flag=True,
+              help="Run again even if this date already succeeded (and replace its output).")
+def submit(job_file: str, address: str | None, ds: str | None, wait: bool, working_dir: str,
+           no_working_dir: bool, pip_packages: tuple[str, ...], env_names: tuple[str, ...],
+           output_uri: str | None, force: bool) -> None:
+    """Submit JOB_FILE to a Ray cluster with `ray job submit`, once per run date.
+
+    The submission id is augment-<job name>-<date>: a date that already succeeded is not run
+    again (unless --force), a running one is reported (and followed with --wait), a failed one
+    is resubmitted as augment-<name>-<date>-2, -3, ...
+
+    Exit code 0 when submitted (or nothing to do); with --wait, 0 only if the job succeeded.
+    1 when the cluster cannot be reached or the job failed, 2 when the job file is invalid.
+    """
+    from augment_ray.config import check_ds, today_ds
+    from augment_ray.submit import follow, plan_submission
+    from augment_ray.submit import submit as submit_job
+
+    if not address:
+        click.echo("error: pass --address http://HEAD:8265 (or set RAY_ADDRESS).", err=True)
+        sys.exit(EXIT_BAD_JOB)
+    try:
+        run_date = check_ds(ds or today_ds())
+        job = _load(job_file, run_date)  # a bad job fails here, not on the cluster
+        plan = plan_submission(
+            job_file, job.name, run_date, address,
+            working_dir=None if no_working_dir else working_dir, pip=list(pip_packages),
+            env_names=list(env_names), output=output_uri, force=force,
+        )
+        outcome = submit_job(plan, click.echo)
+        if outcome.plain_command:
+            click.echo(f"  same as: {outcome.plain_command}")
+        if outcome.action == "already-succeeded" or not (wait or outcome.action == "submitted"):
+            return
+        if not wait:
+            click.echo(f"  follow it: ray job logs --follow --address {address} "
+                       f"{outcome.submission_id}")
+            return
+        status = follow(address, outcome.submission_id, click.echo)
+    except AugmentRayError as error:
+        _fail(error)
+    click.echo(f"{outcome.submission_id}: {status}")
+    sys.exit(0 if status == "SUCCEEDED" else EXIT_FAILED)
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -16,14 +17,25 @@ import ray
 import ray.data
 
 from augment_ray.config import InputSpec, JobSpec
-from augment_ray.errors import AugmentRayError, JobSpecError
+from augment_ray.errors import AugmentRayError, JobSpecError, StorageError
 from augment_ray.io.read import InputShard, check_first_shard, list_input_shards, read_shards
-from augment_ray.io.write import RoutingParquetSink, commit, prepare_output
+from augment_ray.io.write import (
+    MANIFEST,
+    SUCCESS,
+    SUMMARY,
+    RoutingParquetSink,
+    commit,
+    prepare_output,
+    write_json,
+)
 from augment_ray.steps import Step, build_steps
 from augment_ray.storage import Location, location
 from augment_ray.summary import build_summary, redact_uri
 
 log = logging.getLogger(__name__)
+
+
+_STARTED_LOCAL_RAY = True  # False once we join a cluster someone else runs
 
 
 def connect_ray(address: str | None) -> None:
@@ -38,7 +50,13 @@ def connect_ray(address: str | None) -> None:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if address == "local":
         kwargs["include_dashboard"] = False
+    global _STARTED_LOCAL_RAY
+    _STARTED_LOCAL_RAY = address == "local"
     ray.init(**kwargs)
+
+
+def _joined_a_cluster() -> bool:
+    return not _STARTED_LOCAL_RAY
 
 
 def read_dataset(spec: InputSpec, shards: list[InputShard]) -> ray.data.Dataset:
@@ -50,9 +68,15 @@ def read_dataset(spec: InputSpec, shards: list[InputShard]) -> ray.data.Dataset:
 
 
 def check_cpu_budget(steps: list[Step]) -> None:
-    """Actors that together hold every CPU leave none for read/write tasks: Ray waits forever."""
+    """Actors that together hold every CPU leave none for read/write tasks: Ray waits forever.
+    On a cluster we joined, an autoscaler may add nodes once work queues up: only warn there."""
     total = ray.cluster_resources().get("CPU", 0)
     wanted = sum(step.cpu_request() for step in steps)
+    if wanted and wanted > total - 1 and _joined_a_cluster():
+        log.warning(
+            "The engines' actors ask for %g CPUs and the cluster has %g now; the run waits "
+            "until an autoscaler adds nodes (it never finishes if none can).", wanted, total)
+        return
     if wanted and wanted > total - 1:
         raise JobSpecError(
             f"The engines' actors ask for {wanted:g} CPUs but the cluster has {total:g}; "
@@ -74,8 +98,16 @@ def check_column_clashes(steps: list[Step], input_columns: set[str]) -> None:
             taken[name] = f"step {step.name!r}"
 
 
+def spec_json(job: JobSpec) -> bytes:
+    """What the job computes, as canonical JSON: output.mode (how to treat an existing
+    output) is left out, so a --force rerun is still the same job."""
+    data = job.model_dump(mode="json")
+    data["output"].pop("mode", None)
+    return json.dumps(data, sort_keys=True).encode()
+
+
 def spec_digest(job: JobSpec) -> str:
-    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(spec_json(job)).hexdigest()[:16]
 
 
 def new_run_id() -> str:
@@ -90,12 +122,33 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_id = new_run_id()
 
+    output = location(job.output.uri, job.output.storage)
+    done = committed_run(output)
+    if done is not None and job.output.mode == "error-if-exists":
+        if done["manifest"].get("job_digest") != spec_digest(job):
+            raise StorageError(
+                f"Output {job.output.uri} holds a committed run of a different job spec "
+                f"(run {done['manifest'].get('run_id')}); pass --force (or set output.mode: "
+                "overwrite) to replace it."
+            )
+        # a nightly rerun of a date that already finished: nothing to do
+        log.info("Output %s is already committed by run %s; nothing to do (--force reruns).",
+                 job.output.uri, done["manifest"].get("run_id"))
+        return {**done["summary"], "skipped": "already committed"}
+
     shards = list_input_shards(job.input)
     columns = set(check_first_shard(job.input, shards[0]))
-    output = location(job.output.uri, job.output.storage)
     steps = build_steps(job)
     check_column_clashes(steps, columns)
-    prepare_output(output, job.output.mode)
+    mode = job.output.mode
+    if mode == "error-if-exists" and started_by(output) == spec_digest(job):
+        # an attempt of this very job died before committing (a retried RayJob, a failed date
+        # submitted again): its partial output is ours to replace
+        log.info("Output %s holds an unfinished attempt of this job; starting it over.",
+                 job.output.uri)
+        mode = "overwrite"
+    prepare_output(output, mode)
+    write_json(output, STARTED, {"run_id": run_id, "job_digest": spec_digest(job)})
     for step in steps:
         step.prepare()
 
@@ -120,17 +173,50 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     manifest = {
         "run_id": run_id,
         "job": job.name,
-        "job_digest": spec_digest(job),
+        "job_digest": spec_digest(job),  # = job_spec_sha256[:16]; reruns compare it
+        "job_spec_sha256": hashlib.sha256(spec_json(job)).hexdigest(),
+        "code_version": sink.code_version(),
         "input": redact_uri(job.input.uri),
         "input_files": [shard.path.rsplit("/", 1)[-1] for shard in shards],
+        "format": sink.format,
+        "compression": sink.compression,
         "files": sorted(stats.files),
         "reject_files": sorted(stats.reject_files),
         "rows": stats.rows_out,
         "rows_rejected": stats.rows_rejected,
+        "rows_per_file": dict(sorted(stats.rows_per_file.items())),
         "schema": _schema_of(output, stats.files),
     }
     commit(output, manifest, summary)
     return summary
+
+
+STARTED = "_STARTED"  # written when a run starts: which job the output's partial files are from
+
+
+def started_by(output: Location) -> str | None:
+    """The job digest of the run that started writing at `output`, if one did."""
+    import json
+
+    try:
+        with output.fs.open_input_stream(output.join(STARTED).path) as stream:
+            return json.loads(stream.read()).get("job_digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def committed_run(output: Location) -> dict[str, Any] | None:
+    """{manifest, summary} of the run committed at `output` (it has _SUCCESS), else None."""
+    import json
+
+    payload = {}
+    for name, key in ((SUCCESS, "success"), (MANIFEST, "manifest"), (SUMMARY, "summary")):
+        try:
+            with output.fs.open_input_stream(output.join(name).path) as stream:
+                payload[key] = json.loads(stream.read())
+        except (OSError, ValueError):
+            return None
+    return payload
 
 
 def _schema_of(output: Location, files: list[str]) -> list[dict[str, str]]:

@@ -82,6 +82,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['wall_seconds']:.1f}s, {summary['completion_tokens']} tokens generated "
         f"({summary['completion_tokens_per_second']:.1f} tok/s)",
     ]
+    if summary.get("skipped"):
+        lines.insert(0, f"Nothing to do: {summary['output']['uri']} is {summary['skipped']} by "
+                        "the run below (pass --force to run again).")
     for step in summary["steps"]:
         line = f"  {step['name']:<16} in {step['rows_in']:>8}  out {step['rows_out']:>8}"
         if step.get("rows_created"):

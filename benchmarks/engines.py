@@ -2,7 +2,8 @@
 
 Same prompts (the refine template over the bundled Self-Instruct sample, repeated to --rows),
 greedy decoding, in one run. For each engine in --engines:
-  raw        the engine alone in a fresh process: plain batched `model.generate` (transformers),
+  raw        the engine alone in a fresh process: plain batched `model.generate` over
+             length-sorted prompts (transformers),
              plain `LLM.generate` over all prompts (vllm), plain concurrent HTTP posts (openai)
   pipeline   the whole `refine` job on a local Ray: read -> refine -> write -> commit, timed
              from submission to commit (actor start and model load included)
@@ -72,6 +73,8 @@ def raw_transformers(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
     load = time.perf_counter() - started
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
              for p in prompts]
+    # sorted by length, as anyone batching by hand would: one long prompt must not pad 31
+    texts.sort(key=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     tokens = 0
     started = time.perf_counter()
     for start in range(0, len(texts), args.batch_size):
@@ -126,11 +129,14 @@ RAW = {"transformers": raw_transformers, "vllm": raw_vllm, "openai": raw_openai}
 
 def run_raw_in_subprocess(engine: str, argv: list[str]) -> dict[str, Any]:
     """A fresh process: the raw engine's memory is gone before the pipeline starts."""
-    done = subprocess.run([sys.executable, __file__, *argv, "--raw", engine],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"raw {engine} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        # the answer goes to a file: engines print their own logs to stdout
+        done = subprocess.run([sys.executable, __file__, *argv, "--raw", engine,
+                               "--raw-out", out.name], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"raw {engine} failed:\n{done.stderr[-3000:]}")
+        return json.loads(Path(out.name).read_text())
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -216,12 +222,13 @@ def main() -> None:
     parser.add_argument("--openai-model", default=None)
     parser.add_argument("--openai-concurrency", type=int, default=8)
     parser.add_argument("--raw", choices=sorted(RAW), help=argparse.SUPPRESS)
+    parser.add_argument("--raw-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     rows = load_rows(args.rows)
     prompts = refine_prompts(rows)
     if args.raw:
-        print(json.dumps(RAW[args.raw](args, prompts)))
+        Path(args.raw_out).write_text(json.dumps(RAW[args.raw](args, prompts)))
         return
 
     import ray
@@ -240,7 +247,7 @@ def main() -> None:
         for engine in engines:
             raw = run_raw_in_subprocess(engine, argv)
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level="WARNING")
+                     logging_level="WARNING", log_to_driver=False)  # stdout is the JSON
             try:
                 pipeline = run_pipeline(engine, args, rows, Path(tmp))
             finally:

@@ -103,12 +103,17 @@ def test_example_job_refines_every_row_with_lineage(local_ray, tmp_path):
     assert all((out / name).is_file() for name in manifest["files"] + manifest["reject_files"])
     assert (out / "_SUCCESS").is_file()
 
-    # the default write mode refuses to touch a finished output
+    # the default write mode leaves a finished output alone: the same job is a no-op, ...
     job = example_job(source, out, max_tokens=12)
     refuse = job.output.model_copy(update={"mode": "error-if-exists"})
     job = job.model_copy(update={"output": refuse})
-    with pytest.raises(StorageError, match="already holds files"):
-        run_job(job)
+    again = run_job(job)
+    assert again["skipped"] == "already committed" and again["run_id"] == summary["run_id"]
+    # ... and another job is refused
+    other = example_job(source, out, max_tokens=13)
+    other = other.model_copy(update={"output": refuse})
+    with pytest.raises(StorageError, match="committed run of a different job spec"):
+        run_job(other)
 
 
 def test_cli_runs_a_job_file_and_reports(tmp_path):

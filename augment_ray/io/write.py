@@ -1,15 +1,23 @@
 """Rows -> output shards: kept rows to data/, rejected rows to _rejects/, then a commit.
 
 Output layout under the output URI:
-    data/part-<run>-<task>-<n>.parquet     rows that passed every step
-    _rejects/part-<run>-<task>-<n>.parquet rejected rows, with reject_step/_reason/_detail
-    _manifest.json                         files, row counts, schema of data/
-    _summary.json                          the run summary
-    _SUCCESS                               written last: the run is complete and committed
+    data/part-<task:05d>-<n:04d>.parquet      rows that passed every step
+    _rejects/part-<task:05d>-<n:04d>.parquet  rejected rows, with reject_step/_reason/_detail
+    _manifest.json                            files, rows per file, schema of data/, versions
+    _summary.json                             the run summary
+    _SUCCESS                                  written last: the run is complete and committed
+
+Shard names do not depend on the run (no run id or timestamp in them): <task> is the write
+task's index and <n> numbers the files that task wrote (one per max_rows_per_file rows), so the
+same job over the same input names its files the same way on every run. That is safe because the
+output folder is always empty when a run starts (prepare_output refuses or clears it). Files are
+Parquet, zstd-compressed; any Parquet reader (Ray Data, pyarrow, pandas, DuckDB, Hugging Face
+datasets) reads data/ as one table.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -19,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
@@ -27,6 +36,8 @@ from augment_ray.errors import StorageError
 from augment_ray.rows import ORIGIN_STEP, REJECT_COLUMNS, REJECT_REASON, REJECT_STEP
 from augment_ray.storage import Location, describe_os_error
 
+FORMAT = "parquet"
+COMPRESSION = "zstd"
 DATA_DIR = "data"
 REJECTS_DIR = "_rejects"
 MANIFEST = "_manifest.json"
@@ -40,6 +51,7 @@ class WriteStats:
 
     files: list[str] = field(default_factory=list)
     reject_files: list[str] = field(default_factory=list)
+    rows_per_file: dict[str, int] = field(default_factory=dict)  # data and rejects files
     rows_out: int = 0
     rows_rejected: int = 0
     origin: Counter[str] = field(default_factory=Counter)  # rows created per step
@@ -49,6 +61,7 @@ class WriteStats:
     def add(self, other: WriteStats) -> None:
         self.files += other.files
         self.reject_files += other.reject_files
+        self.rows_per_file.update(other.rows_per_file)
         self.rows_out += other.rows_out
         self.rows_rejected += other.rows_rejected
         self.origin.update(other.origin)
@@ -75,32 +88,55 @@ def _token_sums(table: pa.Table) -> Counter[str]:
     return sums
 
 
+def code_version() -> dict[str, str]:
+    """The versions that wrote an output, for its manifest."""
+    try:
+        own = importlib.metadata.version("augment-ray")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        own = "unknown"
+    return {"augment_ray": own, "ray": ray.__version__, "pyarrow": pa.__version__}
+
+
+def shard_name(task: int, n: int) -> str:
+    """The name of a write task's n-th file: the same on every run of the same job."""
+    return f"part-{task:05d}-{n:04d}.{FORMAT}"
+
+
 class RoutingParquetSink(Datasink[WriteStats]):
     """Writes each block's kept and rejected rows to their own Parquet files in one pass."""
 
-    def __init__(self, output: Location, run_token: str, max_rows_per_file: int) -> None:
+    format = FORMAT
+    compression = COMPRESSION
+
+    def __init__(self, output: Location, run_token: str | None, max_rows_per_file: int) -> None:
+        # run_token is unused (shard names do not depend on the run); kept so callers that pass
+        # the run id still work
         self.output = output
-        self.run_token = run_token
         self.max_rows_per_file = max_rows_per_file
         self.result = WriteStats()
+
+    @staticmethod
+    def code_version() -> dict[str, str]:
+        return code_version()
 
     def get_name(self) -> str:
         return "RoutingParquet"
 
-    def _write(self, table: pa.Table, folder: str, task: int, files: list[str]) -> None:
+    def _write(
+        self, table: pa.Table, folder: str, task: int, files: list[str], rows: dict[str, int],
+    ) -> None:
         fs = self.output.fs
         base = self.output.join(folder).path
         for start in range(0, len(table), self.max_rows_per_file):
-            name = f"part-{self.run_token}-{task:05d}-{len(files):04d}.parquet"
-            path = f"{base}/{name}"
+            name = shard_name(task, len(files))
+            part = table.slice(start, self.max_rows_per_file)
             try:
-                pq.write_table(
-                    table.slice(start, self.max_rows_per_file), path, filesystem=fs,
-                    compression="zstd",
-                )
+                pq.write_table(part, f"{base}/{name}", filesystem=fs,
+                               compression=self.compression)
             except (OSError, pa.ArrowException) as error:
                 raise describe_os_error(self.output, "write to", error) from None
             files.append(f"{folder}/{name}")
+            rows[f"{folder}/{name}"] = len(part)
 
     def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
@@ -112,8 +148,8 @@ class RoutingParquetSink(Datasink[WriteStats]):
         rejected_mask = pc.is_valid(table[REJECT_STEP])
         kept = table.filter(pc.invert(rejected_mask)).drop_columns(list(REJECT_COLUMNS))
         rejected = table.filter(rejected_mask)
-        self._write(kept, DATA_DIR, ctx.task_idx, stats.files)
-        self._write(rejected, REJECTS_DIR, ctx.task_idx, stats.reject_files)
+        self._write(kept, DATA_DIR, ctx.task_idx, stats.files, stats.rows_per_file)
+        self._write(rejected, REJECTS_DIR, ctx.task_idx, stats.reject_files, stats.rows_per_file)
         stats.rows_out = len(kept)
         stats.rows_rejected = len(rejected)
         stats.origin = _count(table.select([ORIGIN_STEP]), [ORIGIN_STEP])
