@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,14 @@ class Engine(Protocol):
     ) -> list[Completion | GenerationFailure]:
         """One result per prompt, in order. Never raises for a single bad prompt."""
         ...
+
+
+def request_seed(seed: int, messages_json: str, salt: str) -> int:
+    """vLLM seeds each request on its own: identical prompts with one seed give identical
+    answers. A seed from (job seed, prompt, salt) keeps runs reproducible whatever the
+    batching, and makes the n-th copy of a prompt (expand's n, a retried row) sample anew."""
+    digest = hashlib.blake2b(f"{seed}\x1f{messages_json}\x1f{salt}".encode(), digest_size=4)
+    return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
 
 
 def build_engine(spec: EngineSpec) -> Engine:

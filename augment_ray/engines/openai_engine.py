@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 
 from augment_ray.config import OpenAIEngineSpec, SamplingParams
-from augment_ray.engines.base import Completion, GenerationFailure, Messages
-from augment_ray.engines.vllm_engine import request_seed
+from augment_ray.engines.base import Completion, GenerationFailure, Messages, request_seed
 from augment_ray.errors import EngineError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ actor pool (`VllmEngine`, for steps that call the model several times per row)."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -12,7 +11,7 @@ import time
 from typing import Any
 
 from augment_ray.config import SamplingParams, VllmEngineSpec
-from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from augment_ray.engines.base import Completion, GenerationFailure, Messages, request_seed
 from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve_model_dir
 from augment_ray.errors import EngineError
 
@@ -74,14 +73,6 @@ def vllm_sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
     if sampling.json_schema is not None:
         kwargs["structured_outputs"] = {"json": json.loads(sampling.json_schema)}
     return kwargs
-
-
-def request_seed(seed: int, messages_json: str, salt: str) -> int:
-    """vLLM seeds each request on its own: identical prompts with one seed give identical
-    answers. A seed from (job seed, prompt, salt) keeps runs reproducible whatever the
-    batching, and makes the n-th copy of a prompt (expand's n, a retried row) sample anew."""
-    digest = hashlib.blake2b(f"{seed}\x1f{messages_json}\x1f{salt}".encode(), digest_size=4)
-    return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
 
 
 def top_logprobs_by_text(steps: Any) -> tuple[dict[str, float], ...] | None:

@@ -1,7 +1,7 @@
 """A prompt + parse step on vLLM through Ray's own ray.data.llm processor.
 
     rows -> request rows (our prompts, one row per generation)            CPU tasks
-         -> ray.data.llm: chat template -> tokenize -> vLLM -> detokenize  vLLM actor pool
+         -> ray.data.llm: chat template -> vLLM (tokenizes, detokenizes)   vLLM actor pool
          -> output rows (parsed answers, lineage, rejects)               CPU tasks
 
 Every input row travels through the processor, so nothing has to be joined back: a row that is
@@ -23,10 +23,10 @@ import ray.data
 
 from augment_ray.config import SamplingParams, VllmEngineSpec
 from augment_ray.engines import Completion, GenerationFailure
+from augment_ray.engines.base import request_seed
 from augment_ray.engines.model_files import model_display_name
 from augment_ray.engines.vllm_engine import (
     lora_root_and_name,
-    request_seed,
     vllm_engine_kwargs,
     vllm_model_source,
     vllm_sampling_kwargs,
@@ -178,8 +178,8 @@ def _column(table: pa.Table, name: str) -> list[Any]:
 
 
 def processor_cpus(spec: VllmEngineSpec) -> float:
-    """The engines' CPUs plus the processor's three tokenizer stages, at their largest."""
-    return pool_cpus(spec) + 3 * CPU_STAGE_CPUS * replica_range(spec)[1]
+    """The engines' CPUs plus the processor's chat-template stage, at their largest."""
+    return pool_cpus(spec) + CPU_STAGE_CPUS * replica_range(spec)[1]
 
 
 def processor_config(spec: VllmEngineSpec) -> Any:
@@ -199,10 +199,12 @@ def processor_config(spec: VllmEngineSpec) -> Any:
             "bundle_per_worker": {"CPU": spec.num_cpus} if cpu
             else {"GPU": spec.gpu_fraction, "CPU": 1},
         },
-        # the chat-template/tokenize/detokenize actors do light work: a tenth of a CPU each
+        # the chat-template actors do light work: a tenth of a CPU each
         chat_template_stage={"num_cpus": CPU_STAGE_CPUS},
-        tokenize_stage={"num_cpus": CPU_STAGE_CPUS},
-        detokenize_stage={"num_cpus": CPU_STAGE_CPUS},
+        # vLLM tokenizes a text prompt itself and returns detokenized text: separate
+        # tokenize/detokenize actor pools would only add hops and CPU contention
+        tokenize_stage=False,
+        detokenize_stage=False,
         should_continue_on_error=True,  # a bad row is rejected, the run goes on
         log_engine_metrics=False,
         dynamic_lora_loading_path=lora[0] if lora else None,
