@@ -254,5 +254,38 @@ def summary(output_uri: str) -> None:
     click.echo(format_summary(payload))
 
 
+@main.command()
+@click.argument("output_uri")
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["alpaca", "sharegpt", "openai-messages"]),
+              help="alpaca / sharegpt: LLaMA-Factory; openai-messages: TRL SFTTrainer, OpenAI.")
+@click.option("--to", "to", required=True, type=click.Path(dir_okay=False),
+              help="Local JSONL file to write (parent folders are created).")
+@click.option("--system", default=None, metavar="TEXT",
+              help="Add this system prompt to every example.")
+@click.option("--instruction-column", default="instruction", show_default=True, metavar="NAME",
+              help="Column holding the instruction, e.g. refined_instruction after a refine step.")
+@click.option("--force", is_flag=True, help="Overwrite --to if it exists.")
+def export(output_uri: str, fmt: str, to: str, system: str | None, instruction_column: str,
+           force: bool) -> None:
+    """Write the finished run at OUTPUT_URI (local path, s3:// or oss://) as JSONL training
+    examples. Only data/ is exported (never _rejects/); rows without a response are skipped."""
+    from pathlib import Path
+
+    from augment_ray.export import export as export_run
+    from augment_ray.storage import location
+
+    try:
+        stats = export_run(location(output_uri, None), fmt, Path(to), system=system,
+                           instruction_column=instruction_column, force=force)
+    except AugmentRayError as error:
+        _fail(error)
+    line = (f"wrote {stats.written} examples to {to} (format {fmt}); skipped "
+            f"{stats.skipped_no_response} rows without a response")
+    if stats.skipped_no_instruction:
+        line += f" and {stats.skipped_no_instruction} without an instruction"
+    click.echo(line)
+
+
 if __name__ == "__main__":
     main()

@@ -233,3 +233,38 @@ def test_an_unfinished_attempt_of_the_same_job_is_started_over(tmp_path):
     refused = run_cli("run", str(job_file), "--ds", DS, "--output", str(other))
     assert refused.returncode == 1 and "already holds files" in refused.stderr
     assert (other / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("problem", ["wrong secret", "missing bucket", "missing prefix"])
+def test_object_store_problems_are_clear_errors_before_any_model_work(local_s3, tmp_path,
+                                                                     problem):
+    upload_shards(local_s3, "present/raw", [{"id": "a", "instruction": "x"},
+                                            {"id": "b", "instruction": "y"}])
+    bucket, prefix = local_s3.bucket, "present/raw"
+    env = dict(os.environ)
+    if problem == "wrong secret":
+        env[local_s3.secret_env] = "not-the-secret-SENTINEL"
+    elif problem == "missing bucket":
+        bucket = "no-such-bucket"
+    else:
+        prefix = "nothing/here"
+    storage = {"endpoint": local_s3.endpoint, "region": "us-east-1",
+               "access_key_id_env": local_s3.key_id_env,
+               "secret_access_key_env": local_s3.secret_env}
+    job = {"input": {"uri": f"s3://{bucket}/{prefix}/", "storage": storage},
+           "output": {"uri": f"s3://{local_s3.bucket}/out-{problem.replace(' ', '-')}/",
+                      "storage": storage},
+           # a model that does not exist: had model work started first, its error would show
+           "engines": {"m": {"kind": "transformers", "model": str(tmp_path / "no-model")}},
+           "steps": [{"kind": "refine", "engine": "m"}]}
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    done = subprocess.run([*CLI, "run", str(job_file)], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    message = done.stderr
+    assert "no-model" not in message and "Traceback" not in message
+    expected = {"wrong secret": "credentials", "missing bucket": "no-such-bucket",
+                "missing prefix": "nothing/here"}[problem]
+    assert expected in message
+    assert "SENTINEL" not in done.stdout + done.stderr
