@@ -223,11 +223,12 @@ def submit(job_file: str, address: str | None, ds: str | None, wait: bool, worki
         outcome = submit_job(plan, click.echo)
         if outcome.plain_command:
             click.echo(f"  same as: {outcome.plain_command}")
-        if outcome.action == "already-succeeded" or not (wait or outcome.action == "submitted"):
+        if outcome.action == "already-succeeded":
             return
         if not wait:
-            click.echo(f"  follow it: ray job logs --follow --address {address} "
-                       f"{outcome.submission_id}")
+            if outcome.action == "submitted":
+                click.echo(f"  follow it: ray job logs --follow --address {address} "
+                           f"{outcome.submission_id}")
             return
         status = follow(address, outcome.submission_id, click.echo)
     except AugmentRayError as error:
