@@ -26,6 +26,7 @@ from augment_ray.io.write import (
     RoutingParquetSink,
     commit,
     prepare_output,
+    read_json,
     write_json,
 )
 from augment_ray.steps import Step, build_steps
@@ -55,10 +56,6 @@ def connect_ray(address: str | None) -> None:
     ray.init(**kwargs)
 
 
-def _joined_a_cluster() -> bool:
-    return not _STARTED_LOCAL_RAY
-
-
 def read_dataset(spec: InputSpec, shards: list[InputShard]) -> ray.data.Dataset:
     """The normalized rows of the input: one read task per shard (the resume unit)."""
     return ray.data.from_items(
@@ -72,7 +69,7 @@ def check_cpu_budget(steps: list[Step]) -> None:
     On a cluster we joined, an autoscaler may add nodes once work queues up: only warn there."""
     total = ray.cluster_resources().get("CPU", 0)
     wanted = sum(step.cpu_request() for step in steps)
-    if wanted and wanted > total - 1 and _joined_a_cluster():
+    if wanted and wanted > total - 1 and not _STARTED_LOCAL_RAY:
         log.warning(
             "The engines' actors ask for %g CPUs and the cluster has %g now; the run waits "
             "until an autoscaler adds nodes (it never finishes if none can).", wanted, total)
@@ -196,27 +193,17 @@ STARTED = "_STARTED"  # written when a run starts: which job the output's partia
 
 def started_by(output: Location) -> str | None:
     """The job digest of the run that started writing at `output`, if one did."""
-    import json
-
-    try:
-        with output.fs.open_input_stream(output.join(STARTED).path) as stream:
-            return json.loads(stream.read()).get("job_digest")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_json(output, STARTED) or {}).get("job_digest")
 
 
 def committed_run(output: Location) -> dict[str, Any] | None:
     """{manifest, summary} of the run committed at `output` (it has _SUCCESS), else None."""
-    import json
-
-    payload = {}
-    for name, key in ((SUCCESS, "success"), (MANIFEST, "manifest"), (SUMMARY, "summary")):
-        try:
-            with output.fs.open_input_stream(output.join(name).path) as stream:
-                payload[key] = json.loads(stream.read())
-        except (OSError, ValueError):
-            return None
-    return payload
+    if read_json(output, SUCCESS) is None:
+        return None
+    manifest, summary = read_json(output, MANIFEST), read_json(output, SUMMARY)
+    if manifest is None or summary is None:
+        return None
+    return {"manifest": manifest, "summary": summary}
 
 
 def _schema_of(output: Location, files: list[str]) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -166,7 +167,7 @@ def submit(plan: SubmitPlan, say: Callable[[str], None]) -> SubmitOutcome:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     finally:
         os.unlink(env_file)
-    plain = " ".join(_quote(part) for part in command).replace(env_file, "RUNTIME_ENV.yaml")
+    plain = " ".join(shlex.quote(part) for part in command).replace(env_file, "RUNTIME_ENV.yaml")
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise SubmitError(f"ray job submit failed ({done.returncode}): " + " | ".join(tail))
@@ -184,9 +185,3 @@ def follow(address: str, submission_id: str, say: Callable[[str], None]) -> str:
 
     asyncio.run(tail())
     return _status(client, submission_id) or "UNKNOWN"
-
-
-def _quote(part: str) -> str:
-    import shlex
-
-    return shlex.quote(part)

@@ -164,6 +164,15 @@ def answer(status: int, text: str = "", **headers: str) -> Reply:
 
 # ==== the real server ===========================================================================
 
+def first_500_then_429(seen: Seen) -> Reply | None:
+    """Every prompt's 1st attempt gets a 500, its 2nd a 429; the 3rd reaches the server."""
+    if seen.attempt == 1:
+        return answer(500, "overloaded")
+    if seen.attempt == 2:
+        return answer(429, "slow down", **{"Retry-After": "0"})
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -278,13 +287,6 @@ def test_logprobs_are_top_k_per_token(server: str) -> None:
 def test_retries_500_and_429_until_every_prompt_succeeds(
     server: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def first_500_then_429(seen: Seen) -> Reply | None:
-        if seen.attempt == 1:
-            return answer(500, "overloaded")
-        if seen.attempt == 2:
-            return answer(429, "slow down", **{"Retry-After": "0"})
-        return None
-
     caplog.set_level(logging.WARNING, logger="augment_ray")
     prompts = PROMPTS[:5]
     with running(FaultProxy(server, first_500_then_429)) as proxy:
@@ -397,13 +399,6 @@ def test_refine_job_through_the_pipeline_retries_in_ray_actors(
     pq.write_table(pa.Table.from_pylist(rows[:3]), source / "part-0.parquet")
     pq.write_table(pa.Table.from_pylist([*rows[3:], missing]), source / "part-1.parquet")
     output = tmp_path / "out"
-
-    def first_500_then_429(seen: Seen) -> Reply | None:
-        if seen.attempt == 1:
-            return answer(500, "overloaded")
-        if seen.attempt == 2:
-            return answer(429, "slow down", **{"Retry-After": "0"})
-        return None
 
     # Ray's workers inherit the environment the raylet was started with, so the key must be
     # set before ray.init: a Ray of our own, not the shared module-scoped local_ray

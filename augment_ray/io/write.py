@@ -187,6 +187,16 @@ def prepare_output(output: Location, mode: str) -> None:
         raise describe_os_error(output, "prepare output", error) from None
 
 
+def read_json(loc: Location, name: str) -> dict | None:
+    """The JSON object `name` under `loc`, or None when it is missing or unreadable."""
+    try:
+        with loc.fs.open_input_stream(loc.join(name).path) as stream:
+            payload = json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 def write_json(loc: Location, name: str, payload: dict) -> None:
     data = json.dumps(payload, indent=2, sort_keys=False, default=str).encode("utf-8")
     try:

@@ -123,11 +123,10 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str) -> pa.Table:
     from augment_ray.steps.llm import Generation, GenerationRows
 
     out = GenerationRows(step.name, step.engine_name, model_name, step.task, step.sampling)
-    rows = pa.Table.from_batches(
-        [pa.RecordBatch.from_struct_array(chunk) for chunk in table[ROW].chunks]
-    ) if table.num_rows else None
-    if rows is None:
+    if not table.num_rows:
         return table.select([])
+    rows = pa.Table.from_batches(
+        [pa.RecordBatch.from_struct_array(chunk) for chunk in table[ROW].chunks])
     roles = table[ROLE].to_pylist()
     gens = table[GEN].to_pylist()
     reasons = table[REASON].to_pylist()
