@@ -307,6 +307,10 @@ EngineSpec = Annotated[
 class StepSpec(Spec):
     kind: str
     name: str | None = Field(None, description="column prefix and report name; default: kind")
+    max_reject_share: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="fail the run when this step rejects more than this share of its rows "
+        "(default: reliability.max_reject_share)")
 
     @field_validator("name")
     @classmethod
@@ -731,10 +735,25 @@ AnyStepSpec = Annotated[
 ]
 
 
+class ReliabilitySpec(Spec):
+    """How a run protects itself against crashes and bad data."""
+
+    resume: bool = Field(
+        True, description="journal every model answer under <output>/_work/ so a rerun after a "
+        "crash replays them instead of generating them again (deleted on commit)")
+    max_actor_restarts: int = Field(
+        3, ge=0, description="times one engine actor may die (and its batch be retried) before "
+        "the run fails")
+    max_reject_share: float = Field(
+        0.9, ge=0.0, le=1.0, description="a step that rejects more than this share of the rows "
+        "it gets fails the run (nothing is committed); a step's own max_reject_share overrides it")
+
+
 class JobSpec(Spec):
     name: str = Field("augment", description="a short name for logs and submission ids")
     input: InputSpec
     output: OutputSpec
+    reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
     engines: dict[str, EngineSpec] = Field(default_factory=dict)
     steps: list[AnyStepSpec] = Field(default_factory=list)
 

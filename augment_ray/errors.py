@@ -25,3 +25,8 @@ class InputDataError(AugmentRayError):
 
 class EngineError(AugmentRayError):
     """A model cannot be found or loaded."""
+
+
+class RunFailedError(AugmentRayError):
+    """The run went wrong as a whole: a step rejected too many rows, rows went missing, an
+    engine kept dying. Nothing is committed; the model answers so far are kept for a rerun."""

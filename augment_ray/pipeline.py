@@ -17,10 +17,12 @@ import ray
 import ray.data
 
 from augment_ray.config import InputSpec, JobSpec
-from augment_ray.errors import AugmentRayError, JobSpecError, StorageError
+from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
+from augment_ray.io.journal import WORK_DIR, journaled_counts
 from augment_ray.io.read import InputShard, check_first_shard, list_input_shards, read_shards
 from augment_ray.io.write import (
     MANIFEST,
+    STAGING_DIR,
     SUCCESS,
     SUMMARY,
     RoutingParquetSink,
@@ -29,7 +31,9 @@ from augment_ray.io.write import (
     read_json,
     write_json,
 )
+from augment_ray.rows import ID, INPUT_STEP
 from augment_ray.steps import Step, build_steps
+from augment_ray.steps.base import RunContext
 from augment_ray.storage import Location, location
 from augment_ray.summary import build_summary, redact_uri
 
@@ -56,12 +60,39 @@ def connect_ray(address: str | None) -> None:
     ray.init(**kwargs)
 
 
-def read_dataset(spec: InputSpec, shards: list[InputShard]) -> ray.data.Dataset:
-    """The normalized rows of the input: one read task per shard (the resume unit)."""
+@ray.remote(num_cpus=0)
+class ReadLedger:
+    """Rows each input file gave, told by the read tasks: the run's own count of its input, to
+    check against what reached the output. Keyed by file, so a retried read counts once."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    def record(self, path: str, rows: int) -> None:
+        self.rows[path] = rows
+
+    def totals(self) -> tuple[int, int]:
+        return sum(self.rows.values()), len(self.rows)
+
+
+def read_and_count(batch: Any, spec: InputSpec, ledger: Any = None) -> Iterator[Any]:
+    """read_shards for one file, telling the ledger how many rows it gave."""
+    rows = 0
+    for table in read_shards(batch, spec):
+        rows += len(table)
+        yield table
+    if ledger is not None:
+        ray.get(ledger.record.remote(batch["path"][0].as_py(), rows))
+
+
+def read_dataset(spec: InputSpec, shards: list[InputShard], ledger: Any = None
+                 ) -> ray.data.Dataset:
+    """The normalized rows of the input: one read task per input file."""
     return ray.data.from_items(
         [{"path": shard.path, "format": shard.format} for shard in shards],
         override_num_blocks=len(shards),
-    ).map_batches(read_shards, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow")
+    ).map_batches(read_and_count, fn_kwargs={"spec": spec, "ledger": ledger}, batch_size=1,
+                  batch_format="pyarrow")
 
 
 def check_cpu_budget(steps: list[Step]) -> None:
@@ -138,13 +169,14 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     steps = build_steps(job)
     check_column_clashes(steps, columns)
     mode = job.output.mode
+    keep: tuple[str, ...] = ()
     if mode == "error-if-exists" and started_by(output) == spec_digest(job):
-        # an attempt of this very job died before committing (a retried RayJob, a failed date
-        # submitted again): its partial output is ours to replace
-        log.info("Output %s holds an unfinished attempt of this job; starting it over.",
-                 job.output.uri)
-        mode = "overwrite"
-    prepare_output(output, mode)
+        # an attempt of this very job died before committing (a killed driver, a retried
+        # RayJob, a failed date submitted again): redo it, replaying its journaled answers
+        log.info("Output %s holds an unfinished attempt of this job; resuming it (answers it "
+                 "journaled are replayed, everything else runs again).", job.output.uri)
+        mode, keep = "overwrite", (WORK_DIR,)
+    prepare_output(output, mode, keep)
     write_json(output, STARTED, {"run_id": run_id, "job_digest": spec_digest(job)})
     for step in steps:
         step.prepare()
@@ -153,20 +185,32 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     check_cpu_budget(steps)
     log.info("Run %s: %d input files, %d steps", run_id, len(shards), len(steps))
 
-    ds = read_dataset(job.input, shards)
-    sink = RoutingParquetSink(output, run_id, job.output.max_rows_per_file)
-    with user_errors_unwrapped():
+    work = output.join(WORK_DIR) if job.reliability.resume else None
+    context = RunContext(run_id, work, job.reliability.max_actor_restarts)
+    for step in steps:
+        step.context = context
+    ledger = ReadLedger.remote()
+    ds = read_dataset(job.input, shards, ledger)
+    staging = output.join(STAGING_DIR)
+    sink = RoutingParquetSink(staging, run_id, job.output.max_rows_per_file)
+    with user_errors_unwrapped(job.reliability.max_actor_restarts):
         for step in steps:  # a barrier step runs everything before it here
             ds = step.apply(ds)
         ds.write_datasink(sink)
 
     stats = sink.result
+    rows_read, files_read = ray.get(ledger.totals.remote())
+    accounting = check_accounting(staging, stats, rows_read, files_read, len(shards))
     wall = time.perf_counter() - started
     summary = build_summary(
         job_name=job.name, run_id=run_id, input_uri=job.input.uri, output_uri=job.output.uri,
         input_files=len(shards), steps=[step.describe() for step in steps], stats=stats,
         wall_seconds=wall, started_at=started_at,
     )
+    summary["accounting"] = accounting
+    if work is not None:
+        summary["journal"] = journaled_counts(work, run_id)
+    check_reject_shares(job, summary["steps"])
     manifest = {
         "run_id": run_id,
         "job": job.name,
@@ -182,10 +226,78 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
         "rows": stats.rows_out,
         "rows_rejected": stats.rows_rejected,
         "rows_per_file": dict(sorted(stats.rows_per_file.items())),
-        "schema": _schema_of(output, stats.files),
+        "schema": _schema_of(staging, stats.files),
     }
-    commit(output, manifest, summary)
+    commit(output, manifest, summary, remove_after=(WORK_DIR,))
     return summary
+
+
+def check_accounting(staging: Location, stats: Any, rows_read: int, files_read: int,
+                     files: int) -> dict[str, Any]:
+    """Every input row the read tasks counted is in the output or the rejects exactly once,
+    and so is every row a step created: counted from the written files, not assumed."""
+    created = sum(count for step, count in stats.origin.items() if step != INPUT_STEP)
+    written_input = stats.origin.get(INPUT_STEP, 0)
+    ids = _written_ids(staging, [*stats.files, *stats.reject_files])
+    distinct = len(set(ids))
+    accounting = {
+        "input_files_read": files_read,
+        "input_rows_read": rows_read,
+        "input_rows_written": written_input,
+        "rows_created": created,
+        "rows_written": stats.rows_out + stats.rows_rejected,
+        "duplicate_ids": len(ids) - distinct,
+    }
+    problems = []
+    if files_read != files:
+        problems.append(f"{files_read} of {files} input files reported their rows")
+    if written_input != rows_read:
+        problems.append(f"{rows_read} input rows were read but {written_input} reached the "
+                        "output or the rejects")
+    if len(ids) != stats.rows_out + stats.rows_rejected:
+        problems.append(f"the files hold {len(ids)} rows, the writers counted "
+                        f"{stats.rows_out + stats.rows_rejected}")
+    if distinct != len(ids):
+        problems.append(f"{len(ids) - distinct} row ids appear more than once")
+    if problems:
+        raise RunFailedError(
+            "The run's accounting does not balance, so it was not committed: "
+            + "; ".join(problems) + ". This is a bug in a step; the journaled answers are kept, "
+            "a rerun after the fix replays them."
+        )
+    return accounting
+
+
+def _written_ids(staging: Location, files: list[str]) -> list[str]:
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    for name in files:
+        table = pq.read_table(staging.join(name).path, filesystem=staging.fs, columns=[ID])
+        ids.extend(table[ID].to_pylist())
+    return ids
+
+
+def check_reject_shares(job: JobSpec, funnel: list[dict[str, Any]]) -> None:
+    """A step that rejects more than its max_reject_share of the rows it got fails the run."""
+    limits = {spec.step_name: spec.max_reject_share for spec in job.steps}
+    for entry in funnel:
+        name = entry["name"]
+        if name not in limits or not entry["rows_in"]:
+            continue
+        limit = limits[name] if limits[name] is not None else job.reliability.max_reject_share
+        rejected = sum(entry["rejected"].values())
+        if rejected / entry["rows_in"] > limit:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in
+                                sorted(entry["rejected"].items(), key=lambda kv: -kv[1]))
+            raise RunFailedError(
+                f"Step {name!r} rejected {rejected} of its {entry['rows_in']} rows "
+                f"({rejected / entry['rows_in']:.1%}, more than max_reject_share {limit:g}): "
+                f"{reasons}. The output was not committed. Look at the reasons (a model that "
+                "is down, a wrong column, a too strict threshold); if the share is expected, "
+                f"raise steps[].max_reject_share for {name!r} or reliability.max_reject_share. "
+                "A rerun replays the model answers journaled so far."
+            )
 
 
 STARTED = "_STARTED"  # written when a run starts: which job the output's partial files are from
@@ -216,15 +328,49 @@ def _schema_of(output: Location, files: list[str]) -> list[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def user_errors_unwrapped() -> Iterator[None]:
-    """Re-raise our own error from inside a Ray-wrapped one, so the user sees its message."""
+def user_errors_unwrapped(max_actor_restarts: int | None = None) -> Iterator[None]:
+    """Re-raise our own error from inside a Ray-wrapped one, so the user sees its message; an
+    actor that died past its restarts becomes one clear RunFailedError."""
     try:
         yield
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is not None:
             raise user_error from None
+        died = find_actor_death(error)
+        if died is not None and max_actor_restarts is not None:
+            raise RunFailedError(
+                f"An engine actor died and was restarted {max_actor_restarts} times "
+                f"(reliability.max_actor_restarts), then died again, so the run stopped: "
+                f"{_first_line(died)}. Usual causes: out of memory (fewer replicas, a smaller "
+                "batch_size or max_num_seqs), a crashing engine, a node lost. The output was not "
+                "committed; a rerun replays the answers journaled so far."
+            ) from None
         raise
+
+
+def find_actor_death(error: BaseException) -> BaseException | None:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    kinds = (ActorDiedError, ActorUnavailableError, RayActorError)
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return current
+        for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                stack.append(linked)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def find_user_error(error: BaseException) -> AugmentRayError | None:

@@ -2,11 +2,14 @@
 
 Each input file is one read task (the unit of work resume builds on), read in record batches.
 Normalizing renames the user's columns to the canonical ones, checks their types, gives every
-row an id and rejects rows that cannot be processed (missing instruction, too long).
+row an id and rejects rows that cannot be processed (missing instruction, too long, text that is
+not UTF-8). A JSONL line that is not valid UTF-8 becomes a rejected row (`unreadable_line`), so
+one bad line does not fail its file; a file that cannot be parsed at all is an InputDataError.
 """
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,39 +96,125 @@ def shard_name(loc: Location, path: str) -> str:
     return path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
 
 
-def read_shard_batches(loc: Location, shard: InputShard) -> Iterator[pa.Table]:
+@dataclass(frozen=True)
+class UnreadableLine:
+    """A JSONL line that is not valid UTF-8: it becomes a rejected row, not a failed file."""
+
+    number: int  # 1-based line number in the file
+    raw: bytes
+    problem: str
+
+
+def read_shard_parts(loc: Location, shard: InputShard) -> Iterator[pa.Table | list[UnreadableLine]]:
+    """The shard's rows in record batches, then (JSONL only) its unreadable lines, if any."""
     try:
         if shard.format == "parquet":
             parquet = pq.ParquetFile(loc.fs.open_input_file(shard.path))
             for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
                 yield pa.Table.from_batches([batch])
         else:
-            with loc.fs.open_input_stream(shard.path) as stream:
-                table = pajson.read_json(stream)
-            yield from (table.slice(i, READ_BATCH_ROWS) for i in range(0, max(len(table), 1),
-                                                                        READ_BATCH_ROWS))
-    except (OSError, pa.ArrowException) as error:
+            table, unreadable = _read_jsonl(loc, shard)
+            if table is not None and table.num_columns:  # blank lines only: no rows
+                yield from (table.slice(i, READ_BATCH_ROWS)
+                            for i in range(0, len(table), READ_BATCH_ROWS))
+            if unreadable:
+                yield unreadable
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputDataError(
             f"Cannot read input file {_display(loc, shard.path)} as {shard.format}: {first}"
         ) from None
 
 
+def read_shard_batches(loc: Location, shard: InputShard) -> Iterator[pa.Table]:
+    """The shard's rows in record batches (unreadable JSONL lines left out)."""
+    for part in read_shard_parts(loc, shard):
+        if isinstance(part, pa.Table):
+            yield part
+
+
+def _read_jsonl(loc: Location, shard: InputShard) -> tuple[pa.Table | None,
+                                                          list[UnreadableLine]]:
+    """pyarrow's reader first (it does not check UTF-8 inside strings, so the table is checked
+    after); only when that fails is the file read line by line: lines that are not UTF-8 are set
+    aside and the others parsed again. A JSON error in a UTF-8 line still fails the file."""
+    try:
+        with loc.fs.open_input_stream(shard.path) as stream:
+            table = pajson.read_json(stream)
+        table.validate(full=True)  # raises ArrowInvalid on strings that are not UTF-8
+        return table, []
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        with loc.fs.open_input_stream(shard.path) as stream:
+            data = stream.read()
+        if not data or data.isspace():  # an empty file: no rows (pyarrow calls it an error)
+            return None, []
+        good, unreadable = _split_utf8_lines(data)
+        if not unreadable:
+            raise
+    table = pajson.read_json(io.BytesIO(b"\n".join(good))) if good else None
+    return table, unreadable
+
+
+def _split_utf8_lines(data: bytes) -> tuple[list[bytes], list[UnreadableLine]]:
+    good: list[bytes] = []
+    unreadable: list[UnreadableLine] = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            unreadable.append(UnreadableLine(
+                number, line, f"{error.reason} at byte {error.start + 1} of the line"
+            ))
+        else:
+            good.append(line)
+    return good, unreadable
+
+
 def _display(loc: Location, path: str) -> str:
     return path if loc.is_local else f"{loc.scheme}://{path}"
 
 
-def _text_column(table: pa.Table, name: str, where: str) -> pa.ChunkedArray:
+def _text_column(table: pa.Table, name: str,
+                 where: str) -> tuple[pa.ChunkedArray, dict[int, bytes]]:
+    """The column as strings, and the raw bytes of the rows that are not valid UTF-8 (by row;
+    those rows are null in the result). Binary columns (Parquet BYTE_ARRAY without the UTF8
+    annotation, as some writers leave text) are decoded as UTF-8."""
     column = table[name]
     kind = column.type
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
         column = column.cast(kind)
-    if pa.types.is_null(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return column.cast(pa.string())
-    raise InputDataError(
-        f"Column {name!r} in {where} has type {column.type}; it must hold text (string)."
-    )
+    if pa.types.is_null(kind):
+        return column.cast(pa.string()), {}
+    textual = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if not (textual or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise InputDataError(
+            f"Column {name!r} in {where} has type {column.type}; it must hold text (string)."
+        )
+    try:
+        if textual:
+            column.validate(full=True)  # readers do not always check UTF-8
+        return column.cast(pa.string()), {}  # a binary -> string cast checks UTF-8
+    except pa.ArrowInvalid:
+        pass
+    values: list[str | None] = []
+    bad: dict[int, bytes] = {}
+    raw_type = pa.large_binary() if pa.types.is_large_string(kind) else pa.binary()
+    for row, raw in enumerate(column.cast(raw_type).to_pylist() if textual
+                              else column.to_pylist()):
+        try:
+            values.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append(None)
+            bad[row] = raw
+    return pa.chunked_array([pa.array(values, pa.string())], pa.string()), bad
+
+
+def _preview(raw: bytes, limit: int = 200) -> str:
+    text = raw[:limit].decode("utf-8", "backslashreplace")
+    return text + ("..." if len(raw) > limit else "")
 
 
 class ShardNormalizer:
@@ -165,9 +254,14 @@ class ShardNormalizer:
                   shard: str = "") -> pa.Table:
         self.check_schema(table.schema, where)
         texts: dict[str, pa.ChunkedArray] = {}
+        not_utf8: dict[int, str] = {}  # row -> reject detail
         for canonical, source in self.mapping.items():
             if source is not None and source in table.column_names:
-                texts[canonical] = _text_column(table, source, where)
+                texts[canonical], bad = _text_column(table, source, where)
+                for row, raw in bad.items():
+                    not_utf8.setdefault(
+                        row, f"column {source!r} ({canonical}) is not valid UTF-8: {_preview(raw)}"
+                    )
             else:
                 texts[canonical] = pa.chunked_array([pa.nulls(len(table), pa.string())])
         consumed = {s for s in self.mapping.values() if s in table.column_names}
@@ -176,7 +270,7 @@ class ShardNormalizer:
             id_source = None
         generated = content_ids([texts[c].to_pylist() for c in CANONICAL_TEXT], seen, shard)
         if id_source is not None:
-            given = table[id_source].cast(pa.string()).to_pylist()
+            given = _id_strings(table[id_source], id_source, where).to_pylist()
             consumed.add(id_source)
             ids = [g if g not in (None, "") else c for g, c in zip(given, generated, strict=False)]
         else:
@@ -193,10 +287,13 @@ class ShardNormalizer:
         too_long = pc.greater(lengths, self.spec.max_row_chars)
         reasons: list[str | None] = []
         details: list[str | None] = []
-        for is_missing, is_long, length in zip(
+        for row, (is_missing, is_long, length) in enumerate(zip(
             missing.to_pylist(), too_long.to_pylist(), lengths.to_pylist(), strict=False
-        ):
-            if is_missing:
+        )):
+            if row in not_utf8:
+                reasons.append("invalid_utf8")
+                details.append(not_utf8[row])
+            elif is_missing:
                 reasons.append("missing_instruction")
                 details.append("instruction is null or empty")
             elif is_long:
@@ -219,6 +316,36 @@ class ShardNormalizer:
         }
         return pa.table(columns)
 
+    def unreadable(self, lines: list[UnreadableLine], seen: Counter[str],
+                   shard: str = "") -> pa.Table:
+        """Rejected rows for JSONL lines that are not UTF-8: an id from the raw bytes (as the
+        line's only value, so it never equals a parsed row's id), null text columns."""
+        ids = content_ids([[line.raw.decode("utf-8", "backslashreplace") for line in lines]],
+                          seen, shard)
+        n = len(lines)
+        nulls = pa.nulls(n, pa.string())
+        return pa.table({
+            ID: pa.array(ids, pa.string()),
+            **{canonical: nulls for canonical in CANONICAL_TEXT},
+            SOURCE_ID: pa.array(ids, pa.string()),
+            ORIGIN_STEP: pa.array([INPUT_STEP] * n, pa.string()),
+            REJECT_STEP: pa.array([INPUT_STEP] * n, pa.string()),
+            REJECT_REASON: pa.array(["unreadable_line"] * n, pa.string()),
+            REJECT_DETAIL: pa.array(
+                [f"line {line.number} is not valid UTF-8 ({line.problem}): {_preview(line.raw)}"
+                 for line in lines], pa.string()),
+        })
+
+
+def _id_strings(column: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
+    try:
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputDataError(
+            f"Column {name!r} (the row id) in {where} has type {column.type} or values that are "
+            "not UTF-8; ids must be text or integers."
+        ) from None
+
 
 def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
     """Ray Data UDF: a batch of shard paths in, normalized row tables out."""
@@ -227,9 +354,20 @@ def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
     for path, fmt in zip(batch["path"].to_pylist(), batch["format"].to_pylist(), strict=False):
         seen: Counter[str] = Counter()
         where = _display(loc, path)
-        for table in read_shard_batches(loc, InputShard(path, fmt)):
-            if len(table):
-                yield normalizer.normalize(table, where, seen, shard_name(loc, path))
+        name = shard_name(loc, path)
+        pending: pa.Table | None = None  # held back so unreadable lines can join it
+        for part in read_shard_parts(loc, InputShard(path, fmt)):
+            if isinstance(part, pa.Table):
+                if len(part):
+                    if pending is not None:
+                        yield pending
+                    pending = normalizer.normalize(part, where, seen, name)
+            else:
+                rejected = normalizer.unreadable(part, seen, name)
+                pending = rejected if pending is None else pa.concat_tables(
+                    [pending, rejected], promote_options="default")
+        if pending is not None:
+            yield pending
 
 
 def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:
@@ -241,3 +379,78 @@ def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:
         return normalizer.normalize(table.slice(0, 1), _display(loc, shard.path),
                                     Counter()).column_names
     return []
+
+
+def check_given_ids_unique(spec: InputSpec, shards: list[InputShard]) -> None:
+    """With input.columns.id set explicitly, every given id must be unique across the input
+    (dedup keeps the lowest id, resume and lineage join on it): reads only the id column of
+    every shard and raises InputDataError naming a repeated id and its files. Null and empty
+    ids are left out: those rows get content ids."""
+    column = spec.columns.id
+    if column is None or "id" not in spec.columns.model_fields_set:
+        return
+    loc = location(spec.uri, spec.storage)
+    parts = []
+    for index, shard in enumerate(shards):
+        where = _display(loc, shard.path)
+        for ids in _given_id_batches(loc, shard, column, where):
+            ids = ids.filter(pc.fill_null(pc.not_equal(ids, ""), False))
+            if len(ids):
+                parts.append(pa.table({
+                    "id": ids, "file": pa.array([index] * len(ids), pa.int32()),
+                }))
+    if not parts:
+        return
+    per_file = pa.concat_tables(parts).group_by(["id", "file"]).aggregate([("file", "count")])
+    totals = per_file.group_by("id").aggregate([("file_count", "sum")])
+    repeated = totals.filter(pc.greater(totals["file_count_sum"], 1))
+    if not len(repeated):
+        return
+    example = pc.min(repeated["id"]).as_py()
+    rows = pc.sum(repeated["file_count_sum"]).as_py()
+    where_example = per_file.filter(pc.equal(per_file["id"], example)).sort_by("file")
+    places = [
+        f"{shard_name(loc, shards[file].path)} ({count} row{'s' if count > 1 else ''})"
+        for file, count in zip(where_example["file"].to_pylist(),
+                               where_example["file_count"].to_pylist(), strict=False)
+    ]
+    listed = places[0] if len(places) == 1 else ", ".join(places[:-1]) + " and " + places[-1]
+    many = len(repeated) > 1
+    raise InputDataError(
+        f"The ids in column {column!r} (input.columns.id) of {spec.uri} must be unique, but "
+        f"{len(repeated)} id{'s repeat' if many else ' repeats'} ({rows} rows carry "
+        f"{'them' if many else 'it'}); e.g. id {example!r} is in {listed}. Make the ids "
+        "unique, or drop input.columns.id so that content ids are generated."
+    )
+
+
+def _given_id_batches(loc: Location, shard: InputShard, column: str,
+                      where: str) -> Iterator[pa.ChunkedArray]:
+    """The id column of one shard as strings, batch by batch (Parquet reads just that column)."""
+    def missing(names: list[str]) -> InputDataError:
+        return InputDataError(
+            f"Input {where} has no column {column!r} (input.columns.id). "
+            f"Its columns are: {', '.join(names)}."
+        )
+
+    if shard.format == "parquet":
+        try:
+            parquet = pq.ParquetFile(loc.fs.open_input_file(shard.path))
+            names = parquet.schema_arrow.names
+            if column not in names:
+                raise missing(names)
+            batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS * 8, columns=[column])
+            tables = (pa.Table.from_batches([batch]) for batch in batches)
+            for table in tables:
+                yield _id_strings(table[column], column, where)
+        except (OSError, pa.ArrowException) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else \
+                type(error).__name__
+            raise InputDataError(
+                f"Cannot read input file {where} as parquet: {first}"
+            ) from None
+        return
+    for table in read_shard_batches(loc, shard):
+        if column not in table.column_names:
+            raise missing(table.column_names)
+        yield _id_strings(table[column], column, where)

@@ -17,6 +17,7 @@ datasets) reads data/ as one table.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 from collections import Counter
@@ -40,6 +41,7 @@ FORMAT = "parquet"
 COMPRESSION = "zstd"
 DATA_DIR = "data"
 REJECTS_DIR = "_rejects"
+STAGING_DIR = "_staging"  # where a run writes; commit moves the files to data/ and _rejects/
 MANIFEST = "_manifest.json"
 SUMMARY = "_summary.json"
 SUCCESS = "_SUCCESS"
@@ -163,24 +165,30 @@ class RoutingParquetSink(Datasink[WriteStats]):
             self.result.add(stats)
 
 
-def prepare_output(output: Location, mode: str) -> None:
-    """Apply the write mode before any work starts: refuse or clear an existing output."""
+def prepare_output(output: Location, mode: str, keep: tuple[str, ...] = ()) -> None:
+    """Apply the write mode before any work starts: refuse or clear an existing output (except
+    the entries named in `keep`, e.g. the journal of an attempt being resumed)."""
     try:
         info = output.file_info()
         if info.type == pafs.FileType.File:
             raise StorageError(f"Output {output.uri} is a file; it must be a folder or prefix.")
-        exists = info.type == pafs.FileType.Directory and bool(
-            output.fs.get_file_info(pafs.FileSelector(output.path, recursive=False))
-        )
-        if exists and mode == "error-if-exists":
+        entries = output.fs.get_file_info(pafs.FileSelector(output.path, recursive=False)) \
+            if info.type == pafs.FileType.Directory else []
+        if entries and mode == "error-if-exists":
             raise StorageError(
                 f"Output {output.uri} already holds files. Choose another output.uri, or set "
                 "output.mode: overwrite (or pass --overwrite) to replace them."
             )
-        if exists:
-            output.fs.delete_dir_contents(output.path)
-        output.fs.create_dir(output.join(DATA_DIR).path, recursive=True)
-        output.fs.create_dir(output.join(REJECTS_DIR).path, recursive=True)
+        for entry in entries:
+            if entry.base_name in keep:
+                continue
+            if entry.type == pafs.FileType.Directory:
+                output.fs.delete_dir(entry.path)
+            else:
+                output.fs.delete_file(entry.path)
+        staging = output.join(STAGING_DIR)
+        output.fs.create_dir(staging.join(DATA_DIR).path, recursive=True)
+        output.fs.create_dir(staging.join(REJECTS_DIR).path, recursive=True)
     except StorageError:
         raise
     except (OSError, pa.ArrowException) as error:
@@ -206,8 +214,23 @@ def write_json(loc: Location, name: str, payload: dict) -> None:
         raise describe_os_error(loc, f"write {name} to", error) from None
 
 
-def commit(output: Location, manifest: dict, summary: dict) -> None:
-    """Manifest and summary first, the success marker last: readers trust only _SUCCESS."""
+def commit(output: Location, manifest: dict, summary: dict,
+           remove_after: tuple[str, ...] = ()) -> None:
+    """Move the staged files into data/ and _rejects/, write manifest and summary, then the
+    success marker last: readers trust only _SUCCESS. `remove_after` (the journal) goes once
+    the run is committed."""
+    staging = output.join(STAGING_DIR)
+    try:
+        for folder in (DATA_DIR, REJECTS_DIR):
+            output.fs.create_dir(output.join(folder).path, recursive=True)
+        for name in [*manifest["files"], *manifest["reject_files"]]:
+            output.fs.move(staging.join(name).path, output.join(name).path)
+    except (OSError, pa.ArrowException) as error:
+        raise describe_os_error(output, "commit (move staged files) in", error) from None
     write_json(output, MANIFEST, manifest)
     write_json(output, SUMMARY, summary)
     write_json(output, SUCCESS, {"run_id": manifest["run_id"]})
+    for name in (STAGING_DIR, *remove_after):
+        # absent (nothing journaled) or already gone: nothing to clean
+        with contextlib.suppress(OSError, pa.ArrowException):
+            output.fs.delete_dir(output.join(name).path)

@@ -18,6 +18,7 @@ import ray.data
 
 from augment_ray.config import AutoCorrectStepSpec, EngineSpec, SamplingParams
 from augment_ray.engines import Completion
+from augment_ray.io.journal import GenerationJournal
 from augment_ray.rows import live_mask, reject_rows, set_column
 from augment_ray.steps.auto_filter import Threshold, dataset_threshold, split_by_threshold
 from augment_ray.steps.base import Step
@@ -68,9 +69,9 @@ def replaces(confidence: float | None, eta: float) -> bool:
 
 class CorrectRunner(EngineActor):
     def __init__(self, engine_spec: EngineSpec, step: str, spec: AutoCorrectStepSpec,
-                 threshold: Threshold, sampling: SamplingParams, phases: tuple[str, ...]
-                 ) -> None:
-        super().__init__(engine_spec)
+                 threshold: Threshold, sampling: SamplingParams, phases: tuple[str, ...],
+                 journal: GenerationJournal | None = None) -> None:
+        super().__init__(engine_spec, journal)
         self.step = step
         self.spec = spec
         self.threshold = threshold
@@ -194,11 +195,14 @@ class AutoCorrectStep(Step):
                   "sampling": self.sampling}
         if self.shared:
             return map_with_engine_pool(ds, CorrectRunner, self.engine_spec,
-                                        {**common, "phases": (CANDIDATE_PHASE, COMPARE_PHASE)})
+                                        {**common, "phases": (CANDIDATE_PHASE, COMPARE_PHASE)},
+                                        **self.pool_options())
         ds = map_with_engine_pool(ds, CorrectRunner, self.engine_spec,
-                                  {**common, "phases": (CANDIDATE_PHASE,)})
+                                  {**common, "phases": (CANDIDATE_PHASE,)},
+                                  **self.pool_options())
         return map_with_engine_pool(ds, CorrectRunner, self.judge_spec,
-                                    {**common, "phases": (COMPARE_PHASE,)})
+                                    {**common, "phases": (COMPARE_PHASE,)},
+                                    **self.pool_options("judge"))
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import ray.data
+
+if TYPE_CHECKING:
+    from augment_ray.io.journal import GenerationJournal
+    from augment_ray.storage import Location
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the pipeline tells steps about the run: where engine pools journal their answers
+    (None: no journal) and how often an engine actor may die before the run fails."""
+
+    run_id: str
+    work: Location | None
+    max_actor_restarts: int = 3
 
 
 class Step(ABC):
@@ -14,6 +29,7 @@ class Step(ABC):
 
     name: str
     kind: str
+    context: RunContext | None = None  # set by the pipeline before apply()
 
     @abstractmethod
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
@@ -28,6 +44,20 @@ class Step(ABC):
     def cpu_request(self) -> float:
         """CPUs this step's actors hold for the whole run (0 for plain tasks)."""
         return 0.0
+
+    def journal(self, role: str = "") -> GenerationJournal | None:
+        """The journal of this step's engine pool (`role` tells a step's second pool apart)."""
+        if self.context is None or self.context.work is None:
+            return None
+        from augment_ray.io.journal import GenerationJournal
+
+        pool = f"{self.name}.{role}" if role else self.name
+        return GenerationJournal.open(self.context.work, pool, self.context.run_id)
+
+    def pool_options(self, role: str = "") -> dict[str, Any]:
+        """Keyword arguments of map_with_engine_pool that come from the run."""
+        restarts = self.context.max_actor_restarts if self.context else 3
+        return {"journal": self.journal(role), "max_restarts": restarts}
 
     def describe(self) -> dict[str, Any]:
         """What the run summary says about this step besides its counts."""

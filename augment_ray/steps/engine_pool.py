@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from augment_ray.config import EngineSpec, SamplingParams
 from augment_ray.engines import Completion, GenerationFailure, build_engine
 from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve_model_dir
 from augment_ray.errors import EngineError
+from augment_ray.io.journal import GenerationJournal, JournaledEngine
 from augment_ray.tasks.base import Messages
 
 # several engine batches per call, so length-sorting has rows to group
@@ -35,11 +37,14 @@ def log_to_driver() -> None:
 
 
 class EngineActor:
-    """Base of the actor UDFs that hold a model: the engine is loaded once per actor."""
+    """Base of the actor UDFs that hold a model: the engine is loaded once per actor; with a
+    journal, answers earlier attempts of the run journaled are replayed instead of generated."""
 
-    def __init__(self, engine_spec: EngineSpec) -> None:
+    def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None
+                 ) -> None:
         log_to_driver()
-        self.engine = build_engine(engine_spec)
+        engine = build_engine(engine_spec)
+        self.engine = engine if journal is None else JournaledEngine(engine, journal)
 
 
 def generate_grouped(engine: Any, requests: Sequence[tuple[Messages, SamplingParams]]
@@ -58,19 +63,30 @@ def generate_grouped(engine: Any, requests: Sequence[tuple[Messages, SamplingPar
 
 
 def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
-                         constructor_kwargs: dict[str, Any]) -> ray.data.Dataset:
+                         constructor_kwargs: dict[str, Any], *,
+                         journal: GenerationJournal | None = None,
+                         max_restarts: int = 3) -> ray.data.Dataset:
     """ds.map_batches(runner) on a pool of `spec.replicas` actors, each with the engine's
-    CPUs/GPUs; the runner's constructor gets `engine_spec` plus `constructor_kwargs`."""
+    CPUs/GPUs; the runner's constructor gets `engine_spec`, `journal` and `constructor_kwargs`.
+    An actor that dies (OOM, a crashed engine) is restarted and its batch retried, at most
+    `max_restarts` times per actor; past that the run fails (Ray Data's default is forever)."""
     low, high = replica_range(spec)
-    return ds.map_batches(
-        runner,
-        fn_constructor_kwargs={"engine_spec": spec, **constructor_kwargs},
-        batch_format="pyarrow",
-        batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_cpus=spec.num_cpus,
-        num_gpus=spec.num_gpus or None,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for an actor's restarts yet: ray_remote_args is the
+        # only way, and it warns that it will be replaced
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ds.map_batches(
+            runner,
+            fn_constructor_kwargs={"engine_spec": spec, "journal": journal,
+                                   **constructor_kwargs},
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+            batch_format="pyarrow",
+            batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus or None,
+        )
 
 
 def replica_range(spec: EngineSpec) -> tuple[int, int]:

@@ -20,6 +20,7 @@ import ray.data
 
 from augment_ray.config import EngineSpec, SamplingParams
 from augment_ray.engines import Completion, GenerationFailure
+from augment_ray.io.journal import GenerationJournal
 from augment_ray.rows import (
     CANONICAL_TEXT,
     ID,
@@ -228,9 +229,9 @@ class LLMTaskRunner(EngineActor):
 
     def __init__(
         self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
-        sampling: SamplingParams, options: RunOptions,
+        sampling: SamplingParams, options: RunOptions, journal: GenerationJournal | None = None,
     ) -> None:
-        super().__init__(engine_spec)
+        super().__init__(engine_spec, journal)
         self.step = step
         self.task = task
         self.options = options
@@ -296,7 +297,7 @@ class LLMStep(Step):
             "task": self.task,
             "sampling": self.sampling,
             "options": self.options,
-        })
+        }, **self.pool_options())
 
     @property
     def runs_on_ray_data_llm(self) -> bool:

@@ -31,6 +31,7 @@ from augment_ray.engines.vllm_engine import (
     vllm_model_source,
     vllm_sampling_kwargs,
 )
+from augment_ray.io.journal import GenerationJournal, request_key
 from augment_ray.rows import ID, reject_rows
 from augment_ray.steps.engine_pool import pool_cpus, replica_range
 
@@ -43,25 +44,32 @@ GEN = "_ar_gen"  # k-th prompt of the row
 MESSAGES = "_ar_messages"
 REASON = "_ar_reason"
 DETAIL = "_ar_detail"
+KEY = "_ar_key"  # the request's journal key
 PASS_MARK = "augment_ray: not a request"
 ERROR = "__inference_error__"
 CPU_STAGE_CPUS = 0.1
 
 
-def request_rows(table: pa.Table, step: LLMStep) -> pa.Table:
-    """One row per generation to run, plus one per row that is only passed along."""
+def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | None = None
+                 ) -> pa.Table:
+    """One row per generation to run, plus one per row that is only passed along. A request an
+    earlier attempt already answered (in the journal) is passed along as `cached`."""
     from augment_ray.steps.llm import live_rows, prompt_rows
 
     rows = live_rows(table)
     generations, unpromptable = prompt_rows(step.task, rows)
     picks: list[int] = []
-    extra: dict[str, list[Any]] = {ROLE: [], GEN: [], MESSAGES: [], REASON: [], DETAIL: []}
+    extra: dict[str, list[Any]] = {ROLE: [], GEN: [], MESSAGES: [], REASON: [], DETAIL: [],
+                                   KEY: []}
+    known = journal.answers() if journal is not None else {}
+    sampling_json = step.sampling.model_dump_json()
 
     def add(index: int, role: str, gen: int = -1, messages: Any = None,
-            reason: str | None = None, detail: str | None = None) -> None:
+            reason: str | None = None, detail: str | None = None, key: str | None = None
+            ) -> None:
         picks.append(index)
         for name, value in ((ROLE, role), (GEN, gen), (MESSAGES, messages),
-                            (REASON, reason), (DETAIL, detail)):
+                            (REASON, reason), (DETAIL, detail), (KEY, key)):
             extra[name].append(value)
 
     asked = {g.row for g in generations}
@@ -76,7 +84,11 @@ def request_rows(table: pa.Table, step: LLMStep) -> pa.Table:
             else:
                 add(index, "reject", reason="seed_not_kept", detail="")
     for generation in generations:
-        add(generation.row, "request", generation.index, json.dumps(generation.messages))
+        messages = json.dumps(generation.messages)
+        key = request_key(messages, sampling_json, f"{rows[generation.row].get(ID)}:"
+                                                   f"{generation.index}")
+        add(generation.row, "cached" if key in known else "request", generation.index,
+            messages, key=key)
     packed = table.take(picks).to_struct_array() if picks else pa.array(
         [], pa.struct(list(table.schema)))
     return pa.table({
@@ -86,6 +98,7 @@ def request_rows(table: pa.Table, step: LLMStep) -> pa.Table:
         MESSAGES: pa.array(extra[MESSAGES], pa.string()),
         REASON: pa.array(extra[REASON], pa.string()),
         DETAIL: pa.array(extra[DETAIL], pa.string()),
+        KEY: pa.array(extra[KEY], pa.string()),
     })
 
 
@@ -113,13 +126,14 @@ class ToProcessorRow:
 def from_processor_row(row: dict[str, Any]) -> dict[str, Any]:
     """ray.data.llm postprocess (answered rows only): our columns plus the answer."""
     return {ROW: row[ROW], ROLE: row[ROLE], GEN: row[GEN], REASON: row.get(REASON),
-            DETAIL: row.get(DETAIL), "generated_text": row.get("generated_text"),
+            DETAIL: row.get(DETAIL), KEY: row.get(KEY), "generated_text": row.get("generated_text"),
             "num_input_tokens": row.get("num_input_tokens"),
             "num_generated_tokens": row.get("num_generated_tokens")}
 
 
-def output_rows(table: pa.Table, step: LLMStep, model_name: str) -> pa.Table:
-    """Request rows back to rows: parsed answers, lineage columns, rejects."""
+def output_rows(table: pa.Table, step: LLMStep, model_name: str,
+                journal: GenerationJournal | None = None) -> pa.Table:
+    """Request rows back to rows: parsed answers (journaled), lineage columns, rejects."""
     from augment_ray.steps.llm import Generation, GenerationRows
 
     out = GenerationRows(step.name, step.engine_name, model_name, step.task, step.sampling)
@@ -135,18 +149,23 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str) -> pa.Table:
     prompt_tokens = _column(table, "num_input_tokens")
     completion_tokens = _column(table, "num_generated_tokens")
     errors = _column(table, ERROR)
+    keys = _column(table, KEY)
     row_dicts = rows.to_pylist()
+    known = journal.answers() if journal is not None else {}
+    fresh: list[tuple[str, Completion]] = []
 
     generations: list[Generation] = []
     failures: dict[int, tuple[str, str]] = {}
     for index, role in enumerate(roles):
         if role == "reject":
             failures[index] = (reasons[index], details[index] or "")
-        if role != "request":
+        if role not in ("request", "cached"):
             continue
         generation = Generation(index, gens[index], [], attempts=1)
         error = errors[index]
-        if error:
+        if role == "cached":
+            result = known[keys[index]]
+        elif error:
             result: Completion | GenerationFailure = GenerationFailure("engine_error", error[:500])
         elif texts[index] is None:
             result = GenerationFailure("engine_error", "the processor returned no answer")
@@ -158,13 +177,16 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str) -> pa.Table:
                 completion_tokens=used,
                 finish_reason="length" if used >= step.sampling.max_tokens else "stop",
             )
+            fresh.append((keys[index], result))
         out.parse(row_dicts[index], generation, result, step.options.reject_truncated)
         generations.append(generation)
+    if journal is not None and fresh:
+        journal.record([key for key, _ in fresh], [result for _, result in fresh])
 
     if not step.task.generates_rows:
         return out.annotated(rows, generations, failures)
-    requested = [i for i, role in enumerate(roles) if role == "request"]
-    kept = [i for i, role in enumerate(roles) if role != "request"]
+    requested = [i for i, role in enumerate(roles) if role in ("request", "cached")]
+    kept = [i for i, role in enumerate(roles) if role not in ("request", "cached")]
     seeds = out.with_new_columns(rows)
     seeds = reject_rows(seeds, step.name, failures).take(kept)
     seed_rows = {i: row_dicts[i] for i in requested}
@@ -221,9 +243,11 @@ def apply_with_ray_data_llm(ds: ray.data.Dataset, step: LLMStep) -> ray.data.Dat
         preprocess=ToProcessorRow(step.sampling, lora[1] if lora else None),
         postprocess=from_processor_row,
     )
-    requests = ds.map_batches(request_rows, fn_kwargs={"step": step},
+    journal = step.journal()
+    requests = ds.map_batches(request_rows, fn_kwargs={"step": step, "journal": journal},
                               batch_format="pyarrow", batch_size=spec.batch_size)
     return processor(requests).map_batches(
-        output_rows, fn_kwargs={"step": step, "model_name": model_display_name(spec.model)},
+        output_rows, fn_kwargs={"step": step, "model_name": model_display_name(spec.model),
+                                "journal": journal},
         batch_format="pyarrow", batch_size=None,
     )

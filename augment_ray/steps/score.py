@@ -20,6 +20,7 @@ from augment_ray.config import EngineSpec, SamplingParams, ScoreStepSpec
 from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
 from augment_ray.engines import Completion
 from augment_ray.errors import InputDataError
+from augment_ray.io.journal import GenerationJournal
 from augment_ray.rows import live_mask, reject_rows, set_column
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
@@ -85,8 +86,8 @@ class ScoreRunner(EngineActor):
     """Ray Data actor UDF: scores one batch of rows per call with the judge engine."""
 
     def __init__(self, engine_spec: EngineSpec, step: str, spec: ScoreStepSpec,
-                 sampling: SamplingParams) -> None:
-        super().__init__(engine_spec)
+                 sampling: SamplingParams, journal: GenerationJournal | None = None) -> None:
+        super().__init__(engine_spec, journal)
         self.step = step
         self.spec = spec
         # short greedy answers with top logprobs: yes/no and A/B/C
@@ -253,7 +254,7 @@ class ScoreStep(Step):
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         return map_with_engine_pool(ds, ScoreRunner, self.engine_spec, {
             "step": self.name, "spec": self.spec, "sampling": self.sampling,
-        })
+        }, **self.pool_options())
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)
