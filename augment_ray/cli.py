@@ -68,6 +68,7 @@ def validate(job_file: str, ds: str | None) -> None:
     (one with `seeds:`) is checked as such.
     """
     from augment_ray.config import read_job_yaml
+    from augment_ray.summary import redact_uri
 
     try:
         data = read_job_yaml(job_file, ds)
@@ -81,7 +82,7 @@ def validate(job_file: str, ds: str | None) -> None:
     click.echo(
         f"{job_file}: valid job {job.name!r}: {len(job.steps)} step(s) "
         f"[{', '.join(s.step_name for s in job.steps) or 'none'}], "
-        f"engines [{', '.join(job.engines) or 'none'}], output {job.output.uri} "
+        f"engines [{', '.join(job.engines) or 'none'}], output {redact_uri(job.output.uri)} "
         f"({job.output.mode})."
     )
 
@@ -243,14 +244,18 @@ def summary(output_uri: str) -> None:
     """Print the summary of the finished run at OUTPUT_URI (local path, s3:// or oss://)."""
     from augment_ray.io.write import SUMMARY
     from augment_ray.storage import location
-    from augment_ray.summary import format_summary
+    from augment_ray.summary import format_summary, redact_uri
 
-    loc = location(output_uri, None).join(SUMMARY)
+    try:
+        loc = location(output_uri, None).join(SUMMARY)
+    except AugmentRayError as error:
+        _fail(error)
     try:
         with loc.fs.open_input_stream(loc.path) as stream:
             payload = json.loads(stream.read())
     except (OSError, ValueError) as error:
-        click.echo(f"error: cannot read {loc.uri} ({error}); is it a finished run?", err=True)
+        click.echo(f"error: cannot read {redact_uri(loc.uri)} ({error}); is it a finished run?",
+                   err=True)
         sys.exit(EXIT_FAILED)
     click.echo(format_summary(payload))
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 import pyarrow.fs as pafs
 
@@ -20,13 +20,34 @@ from augment_ray.config import StorageOptions
 from augment_ray.errors import StorageError
 
 OSS_KEY_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")
+# how environment variable names are spelled by convention; a name with lower-case letters in it
+# may be a secret (an AWS or OSS key secret is mixed-case) pasted where the NAME belongs
+_CONVENTIONAL_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def redact_uri(uri: str) -> str:
+    """Drop any user:password@ part of a URI before it is printed or stored."""
+    parsed = urlparse(uri)
+    if parsed.username or parsed.password:
+        host = parsed.hostname or ""
+        if parsed.port:
+            host += f":{parsed.port}"
+        return urlunparse(parsed._replace(netloc=f"***@{host}"))
+    return uri
 
 
 def _env(name: str, field_name: str) -> str:
     value = os.environ.get(name)
     if not value:
+        if _CONVENTIONAL_ENV_NAME.match(name):
+            raise StorageError(
+                f"Environment variable {name} (named by storage.{field_name}) is not set."
+            )
+        # never echo it: it may be the secret itself, pasted where its variable's NAME belongs
         raise StorageError(
-            f"Environment variable {name} (named by storage.{field_name}) is not set."
+            f"The environment variable named by storage.{field_name} is not set (its name is "
+            "not shown: it has lower-case letters, like a secret value; storage.*_env takes "
+            "the NAME of a variable, e.g. AWS_SECRET_ACCESS_KEY)."
         )
     return value
 
@@ -96,6 +117,12 @@ class Location:
             raw = self.uri.removeprefix("file://")
             return str(Path(raw).expanduser().resolve())
         parsed = urlparse(self.uri)
+        if "@" in parsed.netloc:
+            raise StorageError(
+                f"{redact_uri(self.uri)}: credentials in a URI are not supported (and are not "
+                "shown); name the environment variables holding them in "
+                "storage.access_key_id_env and storage.secret_access_key_env."
+            )
         if not parsed.netloc:
             raise StorageError(f"{self.uri} names no bucket (expected {self.scheme}://BUCKET/...).")
         return f"{parsed.netloc}{parsed.path}".rstrip("/")
@@ -136,6 +163,9 @@ def describe_os_error(loc: Location, action: str, error: Exception) -> StorageEr
     """Turn a pyarrow/OS error into one sentence naming the URI; drops nothing the user needs."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     text = text.rstrip(".")
+    userinfo = urlparse(loc.uri).netloc.rpartition("@")[0]
+    if userinfo:  # pyarrow's text may quote the path, and with it any user:password@
+        text = text.replace(userinfo, "***")
     # pyarrow spells AWS error codes ACCESS_DENIED, INVALID_ACCESS_KEY_ID, ...
     squashed = re.sub(r"[\s_]", "", text.lower())
     hint = ""
@@ -146,4 +176,4 @@ def describe_os_error(loc: Location, action: str, error: Exception) -> StorageEr
         "bucket" in squashed and "notfound" in squashed
     ):
         hint = " The bucket does not exist."
-    return StorageError(f"Cannot {action} {loc.uri}: {text}.{hint}")
+    return StorageError(f"Cannot {action} {redact_uri(loc.uri)}: {text}.{hint}")

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 from augment_ray.io.write import WriteStats
 from augment_ray.rows import INPUT_STEP
+from augment_ray.storage import redact_uri  # re-exported: callers import it from here
 
-
-def redact_uri(uri: str) -> str:
-    """Drop any user:password@ part of a URI before it is printed or stored."""
-    parsed = urlparse(uri)
-    if parsed.username or parsed.password:
-        host = parsed.hostname or ""
-        if parsed.port:
-            host += f":{parsed.port}"
-        return urlunparse(parsed._replace(netloc=f"***@{host}"))
-    return uri
+__all__ = ["build_summary", "format_summary", "redact_uri", "step_funnel"]
 
 
 def step_funnel(steps: list[dict[str, Any]], stats: WriteStats) -> list[dict[str, Any]]:

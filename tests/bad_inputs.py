@@ -113,7 +113,7 @@ def blank_instructions(folder: Path) -> Case:
 
 def int_instruction(folder: Path) -> Case:
     """An int column mapped as the instruction."""
-    rows = [{"id": r["id"], "instruction": r["instruction"], "question_no": i}
+    rows = [{"id": r["id"], "title": r["instruction"], "question_no": i}
             for i, r in enumerate(good_rows(3))]
     path = write_parquet(folder / "part-0.parquet", rows)
     return Case(folder, columns={"instruction": "question_no"}, bad_file=path)

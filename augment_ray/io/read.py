@@ -110,6 +110,8 @@ def read_shard_parts(loc: Location, shard: InputShard) -> Iterator[pa.Table | li
     try:
         if shard.format == "parquet":
             parquet = pq.ParquetFile(loc.fs.open_input_file(shard.path))
+            if not parquet.metadata.num_rows:  # no batches to read: its columns, 0 rows
+                yield parquet.schema_arrow.empty_table()
             for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
                 yield pa.Table.from_batches([batch])
         else:
@@ -213,7 +215,9 @@ def _text_column(table: pa.Table, name: str,
 
 
 def _preview(raw: bytes, limit: int = 200) -> str:
+    """The start of raw bytes as one printable line: bad bytes and control characters escaped."""
     text = raw[:limit].decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text + ("..." if len(raw) > limit else "")
 
 
@@ -316,12 +320,12 @@ class ShardNormalizer:
         }
         return pa.table(columns)
 
-    def unreadable(self, lines: list[UnreadableLine], seen: Counter[str],
+    def unreadable(self, lines: list[UnreadableLine], seen: Counter[str] | None = None,
                    shard: str = "") -> pa.Table:
         """Rejected rows for JSONL lines that are not UTF-8: an id from the raw bytes (as the
         line's only value, so it never equals a parsed row's id), null text columns."""
         ids = content_ids([[line.raw.decode("utf-8", "backslashreplace") for line in lines]],
-                          seen, shard)
+                          Counter() if seen is None else seen, shard)
         n = len(lines)
         nulls = pa.nulls(n, pa.string())
         return pa.table({
@@ -356,18 +360,29 @@ def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
         where = _display(loc, path)
         name = shard_name(loc, path)
         pending: pa.Table | None = None  # held back so unreadable lines can join it
+        columns_only: pa.Table | None = None  # a file with columns but no rows
+        rows = 0
         for part in read_shard_parts(loc, InputShard(path, fmt)):
             if isinstance(part, pa.Table):
-                if len(part):
-                    if pending is not None:
-                        yield pending
-                    pending = normalizer.normalize(part, where, seen, name)
+                if not len(part):
+                    columns_only = part
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = normalizer.normalize(part, where, seen, name)
+                rows += len(part)
             else:
                 rejected = normalizer.unreadable(part, seen, name)
                 pending = rejected if pending is None else pa.concat_tables(
                     [pending, rejected], promote_options="default")
+                rows += len(part)
         if pending is not None:
             yield pending
+        elif not rows:
+            # an empty file still gives its (0-row) block the row columns, so that steps
+            # looking for a column find it; a Parquet file's own columns are checked as usual
+            yield (normalizer.normalize(columns_only, where, seen, name)
+                   if columns_only is not None else normalizer.unreadable([]))
 
 
 def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:
