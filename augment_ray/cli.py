@@ -119,6 +119,20 @@ def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrit
     click.echo(format_summary(result))
 
 
+def quiet_ray_data_tracebacks() -> None:
+    """Ray Data logs a failed task's traceback at ERROR before raising it; we report the
+    error ourselves in one paragraph (--debug keeps the tracebacks)."""
+
+    def no_tracebacks(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+    import ray.data  # noqa: F401 - sets up Ray Data's log handlers
+
+    for name in ("ray.data", "ray"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(no_tracebacks)
+
+
 def _reporting_errors(work: Callable[[], Any], debug: bool) -> Any:
     """Runs `work` and turns any failure into one paragraph and an exit code."""
     logging.basicConfig(
@@ -127,6 +141,8 @@ def _reporting_errors(work: Callable[[], Any], debug: bool) -> Any:
     )
     from augment_ray.pipeline import find_user_error
 
+    if not debug:
+        quiet_ray_data_tracebacks()
     try:
         return work()
     except AugmentRayError as error:

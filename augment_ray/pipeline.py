@@ -19,7 +19,13 @@ import ray.data
 from augment_ray.config import InputSpec, JobSpec
 from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
 from augment_ray.io.journal import WORK_DIR, journaled_counts
-from augment_ray.io.read import InputShard, check_first_shard, list_input_shards, read_shards
+from augment_ray.io.read import (
+    InputShard,
+    check_first_shard,
+    check_given_ids_unique,
+    list_input_shards,
+    read_shards,
+)
 from augment_ray.io.write import (
     MANIFEST,
     STAGING_DIR,
@@ -166,6 +172,7 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
 
     shards = list_input_shards(job.input)
     columns = set(check_first_shard(job.input, shards[0]))
+    check_given_ids_unique(job.input, shards)
     steps = build_steps(job)
     check_column_clashes(steps, columns)
     mode = job.output.mode
@@ -349,6 +356,19 @@ def user_errors_unwrapped(max_actor_restarts: int | None = None) -> Iterator[Non
         raise
 
 
+RAY_NOTES = ("Failed to apply UDF transform", "retried_map_errors")
+
+
+def without_ray_notes(error: AugmentRayError) -> AugmentRayError:
+    """Our error as we wrote it: Ray Data appends retry advice to a failed task's message."""
+    lines = str(error).splitlines()
+    cut = next((i for i, line in enumerate(lines) if any(n in line for n in RAY_NOTES)), None)
+    if cut is None:
+        return error
+    clean = type(error)("\n".join(lines[:cut]).strip())
+    return clean
+
+
 def find_actor_death(error: BaseException) -> BaseException | None:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
@@ -387,7 +407,7 @@ def find_user_error(error: BaseException) -> AugmentRayError | None:
         if isinstance(current, AugmentRayError) and type(current).__module__.startswith(
             "augment_ray"
         ):
-            return current
+            return without_ray_notes(current)
         for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
             if isinstance(linked, BaseException):
                 stack.append(linked)

@@ -249,11 +249,6 @@ def test_truncated_parquet_among_good_ones_fails_the_run_naming_it(local_ray, tm
     assert_nothing_committed(out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "outside io/read.py: Ray Data appends 'Failed to apply UDF transform after 1/1 attempts "
-    "... retried_map_errors ...' to the InputDataError raised in a read task, and logs two "
-    "tracebacks at ERROR level to stderr; pipeline.find_user_error / the CLI must strip the "
-    "former and silence the latter"))
 def test_errors_raised_in_ray_tasks_reach_the_user_as_one_clean_paragraph(tmp_path):
     case = bad_inputs.truncated_parquet(tmp_path / "in")
     out = tmp_path / "out"
@@ -262,6 +257,7 @@ def test_errors_raised_in_ray_tasks_reach_the_user_as_one_clean_paragraph(tmp_pa
     message = TRUNCATED_MESSAGE.format(path=case.bad_file)
     assert done.returncode == 1
     assert done.stderr.endswith(f"error: {message}\n"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-2000:]
     assert "Traceback" not in done.stdout + done.stderr
 
 

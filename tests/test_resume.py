@@ -64,6 +64,10 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "refine_attempts"}
 
 
+def journaled_answers(folder: Path) -> int:
+    return sum(pq.read_metadata(f).num_rows for f in folder.glob("[!.]*.parquet"))
+
+
 def run_cli(job_file: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ""}
     return subprocess.Popen([*CLI, "run", str(job_file)], stdout=subprocess.PIPE,
@@ -89,14 +93,14 @@ def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_output(tmp_path):
     killed = run_cli(jobs["killed"])
     journal = tmp_path / "killed" / "_work" / "refine"
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and len(list(journal.glob("*.parquet"))) < 2:
+    while time.monotonic() < deadline and journaled_answers(journal) < 20:
         assert killed.poll() is None, "the run ended before it could be killed"
         time.sleep(0.2)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
     assert not (tmp_path / "killed" / "_SUCCESS").exists()
-    journaled = sum(pq.read_metadata(f).num_rows for f in journal.glob("*.parquet"))
-    assert 0 < journaled < 40
+    journaled = journaled_answers(journal)
+    assert 20 <= journaled < 40
 
     started = time.perf_counter()
     rerun = run_cli(jobs["killed"])

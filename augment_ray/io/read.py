@@ -387,7 +387,8 @@ def read_shards(batch: pa.Table, spec: InputSpec) -> Iterator[pa.Table]:
 
 def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:
     """Fail before any model loads when the input's columns do not fit the job; returns the
-    row columns after normalizing (empty for an empty shard)."""
+    row columns after normalizing (a 0-row Parquet file still has its columns; empty for an
+    empty JSONL file)."""
     loc = location(spec.uri, spec.storage)
     normalizer = ShardNormalizer(spec)
     for table in read_shard_batches(loc, shard):
