@@ -286,20 +286,22 @@ def _written_ids(staging: Location, files: list[str]) -> list[str]:
 
 
 def check_reject_shares(job: JobSpec, funnel: list[dict[str, Any]]) -> None:
-    """A step that rejects more than its max_reject_share of the rows it got fails the run."""
+    """A step that rejects more than its max_reject_share of its rows (those it got plus those
+    it created) fails the run."""
     limits = {spec.step_name: spec.max_reject_share for spec in job.steps}
     for entry in funnel:
         name = entry["name"]
-        if name not in limits or not entry["rows_in"]:
+        rows = entry["rows_in"] + entry.get("rows_created", 0)  # what it got and what it made
+        if name not in limits or not rows:
             continue
         limit = limits[name] if limits[name] is not None else job.reliability.max_reject_share
         rejected = sum(entry["rejected"].values())
-        if rejected / entry["rows_in"] > limit:
+        if rejected / rows > limit:
             reasons = ", ".join(f"{reason} {count}" for reason, count in
                                 sorted(entry["rejected"].items(), key=lambda kv: -kv[1]))
             raise RunFailedError(
-                f"Step {name!r} rejected {rejected} of its {entry['rows_in']} rows "
-                f"({rejected / entry['rows_in']:.1%}, more than max_reject_share {limit:g}): "
+                f"Step {name!r} rejected {rejected} of its {rows} rows "
+                f"({rejected / rows:.1%}, more than max_reject_share {limit:g}): "
                 f"{reasons}. The output was not committed. Look at the reasons (a model that "
                 "is down, a wrong column, a too strict threshold); if the share is expected, "
                 f"raise steps[].max_reject_share for {name!r} or reliability.max_reject_share. "

@@ -276,12 +276,46 @@ def test_journal_replays_answers_of_an_earlier_attempt(local_ray, tmp_path):
     assert keys[0] not in request_keys(prompts[:1], SamplingParams(max_tokens=5))
 
     first, engine = GenerationJournal.open(work, "refine", "run1"), CountingEngine()
-    first.generate(engine, prompts[:2], sampling)
+    first.generate(engine.generate, prompts[:2], sampling)
     assert engine.asked == ["a", "b"]
 
     second, engine = GenerationJournal.open(work, "refine", "run2"), CountingEngine()
     assert second.earlier_count == 2
-    answers = second.generate(engine, prompts, sampling)
+    answers = second.generate(engine.generate, prompts, sampling)
     assert engine.asked == ["a"]  # only the second copy of "a" is new
     assert [a.text for a in answers] == ["answer to a", "answer to b", "answer to a"]
     assert len(list((tmp_path / "_work" / "refine").glob("run2-*.parquet"))) == 1
+
+
+class RaisingEngine:
+    """A stand-in engine whose every call raises, as a buggy backend would."""
+
+    model_name = "raising"
+
+    def generate(self, prompts, sampling):
+        raise ValueError("tokenizer exploded")
+
+
+def test_an_engine_call_that_raises_rejects_its_rows_instead_of_failing_the_batch():
+    from augment_ray.config import SamplingParams
+    from augment_ray.engines import GenerationFailure
+    from augment_ray.steps.engine_pool import GuardedEngine
+
+    prompts = [[{"role": "user", "content": text}] for text in ("a", "b")]
+    results = GuardedEngine(RaisingEngine(), None).generate(prompts, SamplingParams())
+    assert results == [GenerationFailure("engine_error", "ValueError: tokenizer exploded")] * 2
+
+
+def test_a_task_that_raises_rejects_the_row_with_the_error():
+    from augment_ray.steps.llm import prompt_rows
+
+    class BrokenTask:
+        def prompts(self, row):
+            if row["instruction"] == "bad":
+                raise KeyError("input")
+            return [[{"role": "user", "content": row["instruction"]}]]
+
+    generations, unpromptable = prompt_rows(BrokenTask(), {0: {"instruction": "ok"},
+                                                           1: {"instruction": "bad"}})
+    assert [g.row for g in generations] == [0]
+    assert unpromptable == {1: ("prompt_error", "KeyError: 'input'")}

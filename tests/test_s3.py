@@ -15,7 +15,7 @@ import pytest
 from augment_ray.config import InputSpec, StorageOptions
 from augment_ray.errors import StorageError
 from augment_ray.io.read import InputShard, list_input_shards, read_shard_batches, read_shards
-from augment_ray.io.write import DATA_DIR, REJECTS_DIR, commit, prepare_output
+from augment_ray.io.write import DATA_DIR, REJECTS_DIR, STAGING_DIR, commit, prepare_output
 from augment_ray.storage import Location, location
 
 TABLE = pa.table({
@@ -222,9 +222,16 @@ def test_prepare_output_refuses_then_overwrites_a_non_empty_prefix(local_s3):
     prepare_output(loc, "overwrite")
     assert not [key for key in keys_under(local_s3, "out/") if not key.endswith("/")]
     for folder in (DATA_DIR, REJECTS_DIR):
-        assert loc.join(folder).file_info().type.name == "Directory"
+        assert loc.join(STAGING_DIR).join(folder).file_info().type.name == "Directory"
 
-    commit(loc, {"run_id": "r1", "files": []}, {"rows_out": 0})
+    # a staged shard moves into data/ on commit; the staging prefix goes away
+    client.put_object(Bucket=local_s3.bucket, Key="out/_staging/data/part-00000-0000.parquet",
+                      Body=b"new")
+    commit(loc, {"run_id": "r1", "files": ["data/part-00000-0000.parquet"],
+                 "reject_files": []}, {"rows_out": 0})
+    assert [k for k in keys_under(local_s3, "out/") if not k.endswith("/")] == [
+        "out/_SUCCESS", "out/_manifest.json", "out/_summary.json",
+        "out/data/part-00000-0000.parquet"]
     body = client.get_object(Bucket=local_s3.bucket, Key="out/_SUCCESS")["Body"].read()
     assert json.loads(body) == {"run_id": "r1"}
 
@@ -234,5 +241,5 @@ def test_prepare_output_on_a_new_prefix_ignores_look_alike_neighbours(local_s3):
     local_s3.client().put_object(Bucket=local_s3.bucket, Key="fresh-other/x.parquet", Body=b"x")
     loc = Location(f"s3://{local_s3.bucket}/fresh", options(local_s3))
     prepare_output(loc, "error-if-exists")
-    assert loc.join(DATA_DIR).file_info().type.name == "Directory"
+    assert loc.join(STAGING_DIR).join(DATA_DIR).file_info().type.name == "Directory"
     assert keys_under(local_s3, "fresh-other/") == ["fresh-other/x.parquet"]

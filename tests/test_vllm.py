@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from augment_ray import pipeline
 from augment_ray.config import VllmEngineSpec, parse_job
 from augment_ray.pipeline import run_job
 from augment_ray.steps.ray_data_llm import processor_config
@@ -112,13 +113,32 @@ def test_refine_on_ray_data_llm_and_on_the_engine_pool(local_ray, tmp_path):
 @pytest.mark.integration
 @pytest.mark.vllm
 @needs_vllm
-def test_expand_on_ray_data_llm_samples_each_copy_anew(local_ray, tmp_path):
+def test_expand_on_ray_data_llm_samples_each_copy_anew(local_ray, tmp_path, monkeypatch):
     rows = seed_rows(3)
     source = write_input(tmp_path / "in", rows)
     engine = {**CPU_ENGINE, "sampling": {"max_tokens": 24}}
-    summary = run(tmp_path, "expand", source, engine, [
-        {"kind": "expand", "engine": "v", "n": 2, "sampling": {"temperature": 0.9}},
-    ])
+    steps = [{"kind": "expand", "engine": "v", "n": 2, "sampling": {"temperature": 0.9}}]
+
+    # the driver dies just before committing: every answer is journaled, nothing committed
+    class DriverKilled(Exception):
+        pass
+
+    def crash(*args, **kwargs):
+        raise DriverKilled
+
+    monkeypatch.setattr(pipeline, "commit", crash)
+    with pytest.raises(DriverKilled):
+        run(tmp_path, "expand", source, engine, steps)
+    journal = tmp_path / "expand" / "_work" / "expand"
+    first = pa.concat_tables([pq.read_table(f) for f in journal.glob("*.parquet")])
+    assert first.num_rows == 6
+    monkeypatch.undo()
+
+    # the rerun replays the six sampled answers through ray.data.llm instead of generating
+    summary = run(tmp_path, "expand", source, engine, steps)
+    assert summary["journal"]["expand"] == {"replayed": 6, "generated": 0}
+    # the created rows carry the journaled answers' token counts, not fresh ones
+    assert summary["steps"][1]["completion_tokens"] == sum(first["completion_tokens"].to_pylist())
     kept = read_rows(tmp_path / "expand" / "data")
     rejected = read_rows(tmp_path / "expand" / "_rejects")
     seeds = {r["id"] for r in rows}

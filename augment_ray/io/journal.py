@@ -26,7 +26,7 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -83,20 +83,46 @@ def to_table(keys: Sequence[str], completions: Sequence[Completion]) -> pa.Table
     }, schema=SCHEMA)
 
 
-def from_row(row: dict[str, Any]) -> Completion:
-    logprobs = row["logprobs"]
-    return Completion(
-        text=row["text"], prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"],
-        logprobs=None if logprobs is None else tuple(json.loads(logprobs)),
-    )
+class JournalIndex:
+    """Earlier answers by key. The answers stay one Arrow table (shared memory when it comes from
+    the object store); only the key -> row map is Python, and a Completion is built on lookup."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table.combine_chunks()
+        self.rows = {key: i for i, key in enumerate(self.table["key"].to_pylist())}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, key: str) -> Completion | None:
+        row = self.rows.get(key)
+        if row is None:
+            return None
+        value = {name: self.table[name][row].as_py() for name in SCHEMA.names}
+        logprobs = value["logprobs"]
+        return Completion(
+            text=value["text"], prompt_tokens=value["prompt_tokens"],
+            completion_tokens=value["completion_tokens"], finish_reason=value["finish_reason"],
+            logprobs=None if logprobs is None else tuple(json.loads(logprobs)),
+        )
+
+    def __getitem__(self, key: str) -> Completion:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+
+EMPTY_INDEX = JournalIndex(SCHEMA.empty_table())
 
 
 @lru_cache(maxsize=4)
-def _answers(ref: ray.ObjectRef) -> dict[str, Completion]:
-    """Earlier answers by key, built once per worker process for each journal."""
-    table: pa.Table = ray.get(ref)
-    return {row["key"]: from_row(row) for row in table.to_pylist()}
+def _index(ref: ray.ObjectRef) -> JournalIndex:
+    """Built once per worker process for each journal."""
+    return JournalIndex(ray.get(ref))
 
 
 @dataclass
@@ -117,8 +143,8 @@ class GenerationJournal:
         log.info("%s: %d answers from an earlier attempt will be replayed", pool, len(table))
         return cls(folder, run_id, ray.put(table), len(table))
 
-    def answers(self) -> dict[str, Completion]:
-        return _answers(self.earlier) if self.earlier is not None else {}
+    def answers(self) -> JournalIndex:
+        return _index(self.earlier) if self.earlier is not None else EMPTY_INDEX
 
     def record(self, keys: Sequence[str], results: Sequence[Completion | GenerationFailure]
                ) -> None:
@@ -139,34 +165,20 @@ class GenerationJournal:
         except (OSError, pa.ArrowException) as error:
             raise describe_os_error(self.folder, "journal answers to", error) from None
 
-    def generate(self, engine: Any, prompts: list[Messages], sampling: SamplingParams
+    def generate(self, generate: Callable[[list[Messages], SamplingParams], list[Any]],
+                 prompts: list[Messages], sampling: SamplingParams
                  ) -> list[Completion | GenerationFailure]:
-        """engine.generate, answering from earlier attempts what they already answered."""
+        """generate(prompts, sampling), answering what earlier attempts already answered."""
         keys = request_keys(prompts, sampling)
         known = self.answers()
         results: list[Completion | GenerationFailure | None] = [known.get(k) for k in keys]
         todo = [i for i, result in enumerate(results) if result is None]
         if todo:
-            fresh = engine.generate([prompts[i] for i in todo], sampling)
+            fresh = generate([prompts[i] for i in todo], sampling)
             self.record([keys[i] for i in todo], fresh)
             for index, result in zip(todo, fresh, strict=True):
                 results[index] = result
         return [result for result in results if result is not None]
-
-
-class JournaledEngine:
-    """An engine whose generate() goes through a journal; everything else is the engine's."""
-
-    def __init__(self, engine: Any, journal: GenerationJournal) -> None:
-        self.engine = engine
-        self.journal = journal
-
-    def generate(self, prompts: list[Messages], sampling: SamplingParams
-                 ) -> list[Completion | GenerationFailure]:
-        return self.journal.generate(self.engine, prompts, sampling)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
 
 
 def read_journal(folder: Location) -> pa.Table:

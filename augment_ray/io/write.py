@@ -6,6 +6,8 @@ Output layout under the output URI:
     _manifest.json                            files, rows per file, schema of data/, versions
     _summary.json                             the run summary
     _SUCCESS                                  written last: the run is complete and committed
+    _staging/                                 where write tasks put shards until the commit
+                                              moves them into data/ and _rejects/
 
 Shard names do not depend on the run (no run id or timestamp in them): <task> is the write
 task's index and <n> numbers the files that task wrote (one per max_rows_per_file rows), so the

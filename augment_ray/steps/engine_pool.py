@@ -16,8 +16,10 @@ from augment_ray.config import EngineSpec, SamplingParams
 from augment_ray.engines import Completion, GenerationFailure, build_engine
 from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve_model_dir
 from augment_ray.errors import EngineError
-from augment_ray.io.journal import GenerationJournal, JournaledEngine
+from augment_ray.io.journal import GenerationJournal
 from augment_ray.tasks.base import Messages
+
+log = logging.getLogger(__name__)
 
 # several engine batches per call, so length-sorting has rows to group
 ROWS_PER_CALL_FACTOR = 4
@@ -36,6 +38,35 @@ def log_to_driver() -> None:
         logger.setLevel(logging.INFO)
 
 
+class GuardedEngine:
+    """The engine as steps see it: answers journaled by an earlier attempt are replayed, new
+    ones journaled, and an engine call that raises becomes a per-prompt `engine_error` (the
+    rows are rejected with the error; a step that rejects too many fails the run)."""
+
+    def __init__(self, engine: Any, journal: GenerationJournal | None) -> None:
+        self.engine = engine
+        self.journal = journal
+        self.model_name = engine.model_name
+
+    def _generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Result]:
+        try:
+            return self.engine.generate(prompts, sampling)
+        except Exception as error:  # any engine bug becomes rejected rows
+            log.exception("engine call of %d prompts failed", len(prompts))
+            detail = f"{type(error).__name__}: {error}"[:500]
+            return [GenerationFailure("engine_error", detail)] * len(prompts)
+
+    def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Result]:
+        if self.journal is None:
+            return self._generate(prompts, sampling)
+        return self.journal.generate(self._generate, prompts, sampling)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+
 class EngineActor:
     """Base of the actor UDFs that hold a model: the engine is loaded once per actor; with a
     journal, answers earlier attempts of the run journaled are replayed instead of generated."""
@@ -43,8 +74,7 @@ class EngineActor:
     def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None
                  ) -> None:
         log_to_driver()
-        engine = build_engine(engine_spec)
-        self.engine = engine if journal is None else JournaledEngine(engine, journal)
+        self.engine = GuardedEngine(build_engine(engine_spec), journal)
 
 
 def generate_grouped(engine: Any, requests: Sequence[tuple[Messages, SamplingParams]]

@@ -128,6 +128,8 @@ class GenerationRows:
         except ParseFailure as failure:
             generation.failure = (failure.reason, failure.detail or result.text[:500])
             return True
+        except Exception as error:  # a parser bug rejects the row, not the run
+            generation.failure = ("parse_error", f"{type(error).__name__}: {error}"[:500])
         return False
 
     def lineage(self, generation: Generation) -> dict[str, Any]:
@@ -213,6 +215,9 @@ def prompt_rows(task: LLMTask, rows: dict[int, dict]
             prompts = task.prompts(row)
         except ParseFailure as failure:  # the row cannot be turned into a prompt
             unpromptable[index] = (failure.reason, failure.detail)
+            continue
+        except Exception as error:  # a prompt bug rejects the row, not the run
+            unpromptable[index] = ("prompt_error", f"{type(error).__name__}: {error}"[:500])
             continue
         generations += [Generation(index, k, m) for k, m in enumerate(prompts)]
     return generations, unpromptable
