@@ -89,5 +89,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(line)
         for reason, count in step["rejected"].items():
             lines.append(f"      rejected {count:>6}  {reason}")
+    for step, counts in (summary.get("journal") or {}).items():
+        if counts.get("replayed"):
+            lines.append(f"  resumed: {step} replayed {counts['replayed']} answers of an earlier "
+                         f"attempt, generated {counts['generated']}")
+    accounting = summary.get("accounting")
+    if accounting:
+        lines.append(
+            f"  accounting: {accounting['input_rows_read']} input rows read from "
+            f"{accounting['input_files_read']} files = {accounting['input_rows_written']} "
+            f"written (+{accounting['rows_created']} created), ids unique")
     lines.append(f"  output: {summary['output']['uri']}")
     return "\n".join(lines)
