@@ -37,6 +37,7 @@ from augment_ray.io.write import (
     read_json,
     write_json,
 )
+from augment_ray.progress import ProgressBoard, ProgressLogger, count_progress
 from augment_ray.rows import ID, INPUT_STEP
 from augment_ray.steps import Step, build_steps
 from augment_ray.steps.base import RunContext
@@ -99,6 +100,33 @@ def read_dataset(spec: InputSpec, shards: list[InputShard], ledger: Any = None
         override_num_blocks=len(shards),
     ).map_batches(read_and_count, fn_kwargs={"spec": spec, "ledger": ledger}, batch_size=1,
                   batch_format="pyarrow")
+
+
+def with_progress(ds: ray.data.Dataset, step: str, board: Any) -> ray.data.Dataset:
+    return ds.map_batches(count_progress, fn_kwargs={"step": step, "board": board},
+                          batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+def input_rows_hint(spec: InputSpec, shards: list[InputShard]) -> int | None:
+    """Rows of a Parquet input from the files' footers (a few KB each, read in parallel), for
+    progress percentages and ETA; None for JSONL (the ledger knows once everything is read)."""
+    if any(shard.format != "parquet" for shard in shards):
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    loc = location(spec.uri, spec.storage)
+
+    def rows(shard: InputShard) -> int:
+        with loc.fs.open_input_file(shard.path) as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return sum(pool.map(rows, shards))
+    except (OSError, ValueError):
+        return None  # only a hint: the read reports a broken file properly
 
 
 def check_cpu_budget(steps: list[Step]) -> None:
@@ -200,9 +228,14 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     ds = read_dataset(job.input, shards, ledger)
     staging = output.join(STAGING_DIR)
     sink = RoutingParquetSink(staging, run_id, job.output.max_rows_per_file)
-    with user_errors_unwrapped(job.reliability.max_actor_restarts):
+    board = ProgressBoard.remote()
+    names = [INPUT_STEP, *(step.name for step in steps)]
+    with user_errors_unwrapped(job.reliability.max_actor_restarts), ProgressLogger(
+        board, names, input_rows_hint(job.input, shards), ledger, len(shards)
+    ):
+        ds = with_progress(ds, INPUT_STEP, board)
         for step in steps:  # a barrier step runs everything before it here
-            ds = step.apply(ds)
+            ds = with_progress(step.apply(ds), step.name, board)
         ds.write_datasink(sink)
 
     stats = sink.result

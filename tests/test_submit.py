@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -139,6 +140,9 @@ def test_submit_runs_the_nightly_job_on_a_ray_head_against_a_bucket(
     assert f"Submitted {submission_id}" in first.stdout
     assert f"{submission_id}: SUCCEEDED" in first.stdout
     assert "ray job submit --address" in first.stdout  # the plain equivalent is shown
+    # the job's log (`ray job logs`, streamed by --wait) carries the driver's progress lines
+    assert re.search(r"progress: input 4/4 \(100%\) \| refine 4/4 \(100%\) [\d.]+ tok/s",
+                     first.stdout + first.stderr), first.stdout[-3000:]
     # credentials travel by name only: their values are never printed
     assert local_s3.secret_access_key not in first.stdout + first.stderr
 
