@@ -76,6 +76,20 @@ def test_processor_config_carries_the_engine_spec():
     assert config.placement_group_config["bundle_per_worker"] == {"GPU": 1, "CPU": 1}
 
 
+@needs_vllm
+def test_ray_data_llm_engine_actors_restart_a_bounded_number_of_times(local_ray):
+    from ray.data.llm import build_processor
+
+    from augment_ray.steps.ray_data_llm import bound_engine_restarts
+
+    processor = build_processor(processor_config(VllmEngineSpec(**CPU_ENGINE)))
+    bound_engine_restarts(processor, 2)
+    stages = {type(stage).__name__: stage for stage in processor.stages.values()}
+    kwargs = stages["vLLMEngineStage"].get_dataset_map_batches_kwargs(
+        batch_size=4, data_column="x")
+    assert kwargs["max_restarts"] == 2 and kwargs["max_task_retries"] == 2
+
+
 @pytest.mark.integration
 @pytest.mark.vllm
 @needs_vllm

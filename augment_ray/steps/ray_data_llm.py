@@ -232,6 +232,15 @@ def processor_config(spec: VllmEngineSpec) -> Any:
     )
 
 
+def bound_engine_restarts(processor: Any, max_restarts: int) -> None:
+    """ray.data.llm leaves its vLLM actors at Ray Data's default (restarted forever); bound them
+    like our own engine pools. Its config has no field for it, so set the stage's kwargs."""
+    for stage in processor.stages.values():
+        if type(stage).__name__ == "vLLMEngineStage":
+            stage.map_batches_kwargs.update(max_restarts=max_restarts,
+                                            max_task_retries=max_restarts)
+
+
 def apply_with_ray_data_llm(ds: ray.data.Dataset, step: LLMStep) -> ray.data.Dataset:
     from ray.data.llm import build_processor
 
@@ -243,6 +252,7 @@ def apply_with_ray_data_llm(ds: ray.data.Dataset, step: LLMStep) -> ray.data.Dat
         preprocess=ToProcessorRow(step.sampling, lora[1] if lora else None),
         postprocess=from_processor_row,
     )
+    bound_engine_restarts(processor, step.pool_options()["max_restarts"])
     journal = step.journal()
     requests = ds.map_batches(request_rows, fn_kwargs={"step": step, "journal": journal},
                               batch_format="pyarrow", batch_size=spec.batch_size)
