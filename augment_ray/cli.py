@@ -309,5 +309,26 @@ def export(output_uri: str, fmt: str, to: str, system: str | None, instruction_c
     click.echo(line)
 
 
+@main.command()
+@click.argument("output_uri")
+@click.option("--to", "to", default=None, type=click.Path(file_okay=False),
+              help="Local folder for report.html and report.md; default: OUTPUT_URI/_report/.")
+def report(output_uri: str, to: str | None) -> None:
+    """Write an HTML report (inline charts, works offline) and a Markdown summary of the
+    finished run at OUTPUT_URI (local path, s3:// or oss://): rows per step, rejections,
+    lengths before/after, scores, duplicate clusters, labels, sample rows, tokens."""
+    from pathlib import Path
+
+    from augment_ray.report import write_report
+    from augment_ray.storage import location
+
+    try:
+        written = write_report(location(output_uri, None), Path(to) if to else None)
+    except AugmentRayError as error:
+        _fail(error)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -27,11 +27,15 @@ from augment_ray.io.read import (
     read_shards,
 )
 from augment_ray.io.write import (
+    COMPRESSION,
+    FORMAT,
     MANIFEST,
     STAGING_DIR,
     SUCCESS,
     SUMMARY,
     RoutingParquetSink,
+    WriteStats,
+    code_version,
     commit,
     prepare_output,
     read_json,
@@ -179,39 +183,21 @@ def new_run_id() -> str:
 def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     """Run `job` to completion and return its summary. Raises AugmentRayError subclasses for
     anything the user can fix; the output is committed (_SUCCESS) only after every row is
-    written, to data/ or _rejects/."""
+    written, to data/ or _rejects/, and the run's accounting balances."""
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_id = new_run_id()
 
     output = location(job.output.uri, job.output.storage)
-    done = committed_run(output)
-    if done is not None and job.output.mode == "error-if-exists":
-        if done["manifest"].get("job_digest") != spec_digest(job):
-            raise StorageError(
-                f"Output {job.output.uri} holds a committed run of a different job spec "
-                f"(run {done['manifest'].get('run_id')}); pass --force (or set output.mode: "
-                "overwrite) to replace it."
-            )
-        # a nightly rerun of a date that already finished: nothing to do
-        log.info("Output %s is already committed by run %s; nothing to do (--force reruns).",
-                 job.output.uri, done["manifest"].get("run_id"))
-        return {**done["summary"], "skipped": "already committed"}
-
+    earlier = committed_summary(job, output)
+    if earlier is not None:
+        return earlier
     shards = list_input_shards(job.input)
     columns = set(check_first_shard(job.input, shards[0]))
     check_given_ids_unique(job.input, shards)
     steps = build_steps(job)
     check_column_clashes(steps, columns)
-    mode = job.output.mode
-    keep: tuple[str, ...] = ()
-    if mode == "error-if-exists" and started_by(output) == spec_digest(job):
-        # an attempt of this very job died before committing (a killed driver, a retried
-        # RayJob, a failed date submitted again): redo it, replaying its journaled answers
-        log.info("Output %s holds an unfinished attempt of this job; resuming it (answers it "
-                 "journaled are replayed, everything else runs again).", job.output.uri)
-        mode, keep = "overwrite", (WORK_DIR,)
-    prepare_output(output, mode, keep)
+    prepare_output(output, *output_mode(job, output))
     write_json(output, STARTED, {"run_id": run_id, "job_digest": spec_digest(job)})
     for step in steps:
         step.prepare()
@@ -219,48 +205,87 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     connect_ray(ray_address)
     check_cpu_budget(steps)
     log.info("Run %s: %d input files, %d steps", run_id, len(shards), len(steps))
-
     work = output.join(WORK_DIR) if job.reliability.resume else None
     context = RunContext(run_id, work, job.reliability.max_actor_restarts)
     for step in steps:
         step.context = context
-    ledger = ReadLedger.remote()
-    ds = read_dataset(job.input, shards, ledger)
     staging = output.join(STAGING_DIR)
-    sink = RoutingParquetSink(staging, run_id, job.output.max_rows_per_file)
-    board = ProgressBoard.remote()
-    names = [INPUT_STEP, *(step.name for step in steps)]
-    with user_errors_unwrapped(job.reliability.max_actor_restarts), ProgressLogger(
-        board, names, input_rows_hint(job.input, shards), ledger, len(shards)
-    ):
-        ds = with_progress(ds, INPUT_STEP, board)
-        for step in steps:  # a barrier step runs everything before it here
-            ds = with_progress(step.apply(ds), step.name, board)
-        ds.write_datasink(sink)
+    stats, accounting = execute(job, shards, steps, staging)
 
-    stats = sink.result
-    rows_read, files_read = ray.get(ledger.totals.remote())
-    accounting = check_accounting(staging, stats, rows_read, files_read, len(shards))
-    wall = time.perf_counter() - started
     summary = build_summary(
         job_name=job.name, run_id=run_id, input_uri=job.input.uri, output_uri=job.output.uri,
         input_files=len(shards), steps=[step.describe() for step in steps], stats=stats,
-        wall_seconds=wall, started_at=started_at,
+        wall_seconds=time.perf_counter() - started, started_at=started_at,
     )
     summary["accounting"] = accounting
     if work is not None:
         summary["journal"] = journaled_counts(work, run_id)
     check_reject_shares(job, summary["steps"])
-    manifest = {
+    commit(output, manifest_of(job, run_id, shards, stats, staging), summary,
+           remove_after=(WORK_DIR,))
+    return summary
+
+
+def committed_summary(job: JobSpec, output: Location) -> dict[str, Any] | None:
+    """With output.mode error-if-exists, an output committed by this very job spec is done (a
+    nightly rerun of a finished date): its summary, marked skipped. Another spec's is refused."""
+    done = committed_run(output)
+    if done is None or job.output.mode != "error-if-exists":
+        return None
+    if done["manifest"].get("job_digest") != spec_digest(job):
+        raise StorageError(
+            f"Output {job.output.uri} holds a committed run of a different job spec "
+            f"(run {done['manifest'].get('run_id')}); pass --force (or set output.mode: "
+            "overwrite) to replace it."
+        )
+    log.info("Output %s is already committed by run %s; nothing to do (--force reruns).",
+             job.output.uri, done["manifest"].get("run_id"))
+    return {**done["summary"], "skipped": "already committed"}
+
+
+def output_mode(job: JobSpec, output: Location) -> tuple[str, tuple[str, ...]]:
+    """(write mode, entries to keep) for prepare_output: an unfinished attempt of this very
+    job (a killed driver, a retried RayJob, a failed date submitted again) is resumed: cleared
+    except for the journal of answers it already paid for."""
+    if job.output.mode == "error-if-exists" and started_by(output) == spec_digest(job):
+        log.info("Output %s holds an unfinished attempt of this job; resuming it (answers it "
+                 "journaled are replayed, everything else runs again).", job.output.uri)
+        return "overwrite", (WORK_DIR,)
+    return job.output.mode, ()
+
+
+def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: Location
+            ) -> tuple[WriteStats, dict[str, Any]]:
+    """Read -> steps -> routed write into `staging`, logging progress; then check the
+    accounting. Returns the writers' stats and the accounting block."""
+    ledger = ReadLedger.remote()
+    board = ProgressBoard.remote()
+    sink = RoutingParquetSink(staging, job.output.max_rows_per_file)
+    names = [INPUT_STEP, *(step.name for step in steps)]
+    progress = ProgressLogger(board, names, input_rows_hint(job.input, shards), ledger,
+                              len(shards))
+    with user_errors_unwrapped(job.reliability.max_actor_restarts), progress:
+        ds = with_progress(read_dataset(job.input, shards, ledger), INPUT_STEP, board)
+        for step in steps:  # a barrier step runs everything before it here
+            ds = with_progress(step.apply(ds), step.name, board)
+        ds.write_datasink(sink)
+    rows_read, files_read = ray.get(ledger.totals.remote())
+    stats = sink.result
+    return stats, check_accounting(staging, stats, rows_read, files_read, len(shards))
+
+
+def manifest_of(job: JobSpec, run_id: str, shards: list[InputShard], stats: WriteStats,
+                staging: Location) -> dict[str, Any]:
+    return {
         "run_id": run_id,
         "job": job.name,
         "job_digest": spec_digest(job),  # = job_spec_sha256[:16]; reruns compare it
         "job_spec_sha256": hashlib.sha256(spec_json(job)).hexdigest(),
-        "code_version": sink.code_version(),
+        "code_version": code_version(),
         "input": redact_uri(job.input.uri),
         "input_files": [shard.path.rsplit("/", 1)[-1] for shard in shards],
-        "format": sink.format,
-        "compression": sink.compression,
+        "format": FORMAT,
+        "compression": COMPRESSION,
         "files": sorted(stats.files),
         "reject_files": sorted(stats.reject_files),
         "rows": stats.rows_out,
@@ -268,11 +293,9 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
         "rows_per_file": dict(sorted(stats.rows_per_file.items())),
         "schema": _schema_of(staging, stats.files),
     }
-    commit(output, manifest, summary, remove_after=(WORK_DIR,))
-    return summary
 
 
-def check_accounting(staging: Location, stats: Any, rows_read: int, files_read: int,
+def check_accounting(staging: Location, stats: WriteStats, rows_read: int, files_read: int,
                      files: int) -> dict[str, Any]:
     """Every input row the read tasks counted is in the output or the rejects exactly once,
     and so is every row a step created: counted from the written files, not assumed."""

@@ -112,16 +112,10 @@ class RoutingParquetSink(Datasink[WriteStats]):
     format = FORMAT
     compression = COMPRESSION
 
-    def __init__(self, output: Location, run_token: str | None, max_rows_per_file: int) -> None:
-        # run_token is unused (shard names do not depend on the run); kept so callers that pass
-        # the run id still work
+    def __init__(self, output: Location, max_rows_per_file: int) -> None:
         self.output = output
         self.max_rows_per_file = max_rows_per_file
         self.result = WriteStats()
-
-    @staticmethod
-    def code_version() -> dict[str, str]:
-        return code_version()
 
     def get_name(self) -> str:
         return "RoutingParquet"

@@ -182,7 +182,7 @@ def find_columns(summary: dict[str, Any], names: set[str]) -> Columns:
 
 def _float_columns(schemas: list[pa.Schema], names: list[str]) -> list[str]:
     types = {f.name: f.type for schema in schemas for f in schema}
-    return [n for n in names if pa.types.is_floating(types[n]) or pa.types.is_integer(types[n])]
+    return [n for n in names if pa.types.is_floating(types[n])]
 
 
 def _count(counter: Counter[str], column: pa.ChunkedArray | pa.Array) -> None:
