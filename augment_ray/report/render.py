@@ -37,6 +37,7 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; vertical-align: top; text-ali
 th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 table.pairs { width: 100%; table-layout: fixed; }
 table.pairs td { white-space: pre-wrap; word-wrap: break-word; font-size: 13px; }
+table.pairs th:first-child { width: 10em; }
 .meta { color: #666; font-size: 12px; } svg.chart { display: block; margin: 6px 0; max-width: 100%;
   height: auto; }
 """
@@ -68,7 +69,8 @@ def _clip(text: Any, limit: int = CLIP) -> str:
 
 
 def _md_cell(value: Any) -> str:
-    text = str(value).replace("\\", "\\\\").replace("|", "\\|")
+    # escaped like HTML too: Markdown renderers pass raw tags (a row's "<script>") through
+    text = escape(str(value), quote=False).replace("\\", "\\\\").replace("|", "\\|")
     return " ".join(text.split())
 
 
@@ -148,7 +150,7 @@ def run_section(view: RunView) -> Section:
     versions = m.get("code_version")
     if isinstance(versions, dict):
         rows.append(("written by", ", ".join(f"{k} {v}" for k, v in versions.items())))
-    html, md = table(["", ""], rows)
+    html, md = table(["", "this run"], rows)
     accounting = s.get("accounting")
     if isinstance(accounting, dict) and accounting:
         a_html, a_md = table(["accounting", "value"],
@@ -286,9 +288,9 @@ def duplicates_section(view: RunView) -> Section:
             continue
         sizes = Counter(clusters.values())
         removed = sum(clusters.values()) - len(clusters)
-        summary = (f"{len(clusters):,} clusters of duplicates: {removed:,} rows rejected, one "
-                   "row kept per cluster (a cluster is the kept row and every row that "
-                   "duplicates it).")
+        summary = (f"{_count(len(clusters), 'cluster')} of duplicates: {removed:,} rows "
+                   "rejected, one row kept per cluster (a cluster is the kept row and every row "
+                   "that duplicates it).")
         rows = [(size, sizes[size], size * sizes[size]) for size in sorted(sizes)]
         t_html, t_md = table(["cluster size (rows)", "clusters", "rows"], rows,
                              numeric=(0, 1, 2))
