@@ -6,7 +6,9 @@ Kept out of the notebook so that its cells stay short; nothing here depends on J
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,15 @@ def load_run(out: Path) -> tuple[dict, dict]:
 
 def start_ray(num_cpus: int = 1) -> bool:
     """A private local Ray for this kernel; False when Ray cannot start (read with pandas)."""
+    # keep Ray's INFO lines and the progress-bar notices out of the cell outputs
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+    logging.getLogger("ray.widgets.util").setLevel(logging.WARNING)  # "Missing: ipywidgets"
     try:
-        import ray
+        import ray.data
 
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      logging_level="ERROR", log_to_driver=False)
@@ -50,7 +58,7 @@ def read_shards(out: Path, files: list[str], use_ray: bool) -> pd.DataFrame:
         return pd.DataFrame()
     paths = [str(out / name) for name in files]
     if use_ray:
-        import ray
+        import ray.data
 
         return ray.data.read_parquet(paths).to_pandas()
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
@@ -78,8 +86,8 @@ def rejections(summary: dict) -> pd.DataFrame:
 
 def input_rows(kept: pd.DataFrame, rejects: pd.DataFrame) -> pd.DataFrame:
     """The rows as read ("before"): origin_step == "input", from data/ and _rejects/."""
-    both = pd.concat([kept, rejects], ignore_index=True)
-    return both[both["origin_step"] == "input"]
+    both = pd.concat([f for f in (kept, rejects) if len(f)] or [kept], ignore_index=True)
+    return both[both["origin_step"] == "input"] if "origin_step" in both else both
 
 
 def augmented_pairs(kept: pd.DataFrame, seeds: pd.DataFrame, refined: str) -> pd.DataFrame:
@@ -122,7 +130,7 @@ def length_histogram(ax, series: dict[str, pd.Series], title: str) -> None:
 
 def texts(values, limit: int, seed: int = 0) -> list[str]:
     """Distinct non-blank strings, at most `limit` of them (a seeded sample)."""
-    unique = sorted({str(v).strip() for v in values if v is not None and str(v).strip()})
+    unique = sorted({str(v).strip() for v in values if not pd.isna(v) and str(v).strip()})
     if len(unique) > limit:
         picked = np.random.default_rng(seed).choice(len(unique), size=limit, replace=False)
         unique = [unique[i] for i in sorted(picked)]
@@ -154,11 +162,21 @@ def project_2d(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     from sklearn.manifold import TSNE
 
     n = len(vectors)
+    if n < 3:  # too few for either: the first two dimensions
+        return vectors[:, :2], "raw"
     if n < 20:
         return PCA(n_components=2, random_state=seed).fit_transform(vectors), "PCA"
     tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca",
                 metric="cosine", random_state=seed)
     return tsne.fit_transform(vectors), "t-SNE"
+
+
+def sample(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """At most k rows of `vectors`, drawn without replacement with a fixed seed."""
+    if len(vectors) <= k:
+        return vectors
+    rows = np.random.default_rng(seed).choice(len(vectors), size=k, replace=False)
+    return vectors[np.sort(rows)]
 
 
 def mean_pairwise_cosine_distance(vectors: np.ndarray) -> float:
