@@ -41,7 +41,7 @@ from augment_ray.io.write import (
     read_json,
     write_json,
 )
-from augment_ray.progress import ProgressBoard, ProgressLogger, count_progress
+from augment_ray.progress import ProgressBoard, ProgressLogger, StepProgress, count_progress
 from augment_ray.rows import ID, INPUT_STEP
 from augment_ray.steps import Step, build_steps
 from augment_ray.steps.base import RunContext
@@ -184,7 +184,7 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     """Run `job` to completion and return its summary. Raises AugmentRayError subclasses for
     anything the user can fix; the output is committed (_SUCCESS) only after every row is
     written, to data/ or _rejects/, and the run's accounting balances."""
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_id = new_run_id()
 
@@ -210,7 +210,7 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     for step in steps:
         step.context = context
     staging = output.join(STAGING_DIR)
-    stats, accounting = execute(job, shards, steps, staging)
+    stats, accounting, timing = execute(job, shards, steps, staging)
 
     summary = build_summary(
         job_name=job.name, run_id=run_id, input_uri=job.input.uri, output_uri=job.output.uri,
@@ -218,6 +218,7 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
         wall_seconds=time.perf_counter() - started, started_at=started_at,
     )
     summary["accounting"] = accounting
+    add_step_timing(summary["steps"], timing, started_wall)
     if work is not None:
         summary["journal"] = journaled_counts(work, run_id)
     check_reject_shares(job, summary["steps"])
@@ -255,9 +256,9 @@ def output_mode(job: JobSpec, output: Location) -> tuple[str, tuple[str, ...]]:
 
 
 def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: Location
-            ) -> tuple[WriteStats, dict[str, Any]]:
+            ) -> tuple[WriteStats, dict[str, Any], dict[str, StepProgress]]:
     """Read -> steps -> routed write into `staging`, logging progress; then check the
-    accounting. Returns the writers' stats and the accounting block."""
+    accounting. Returns the writers' stats, the accounting block and per-step progress."""
     ledger = ReadLedger.remote()
     board = ProgressBoard.remote()
     sink = RoutingParquetSink(staging, job.output.max_rows_per_file)
@@ -271,7 +272,19 @@ def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: 
         ds.write_datasink(sink)
     rows_read, files_read = ray.get(ledger.totals.remote())
     stats = sink.result
-    return stats, check_accounting(staging, stats, rows_read, files_read, len(shards))
+    accounting = check_accounting(staging, stats, rows_read, files_read, len(shards))
+    return stats, accounting, ray.get(board.snapshot.remote())
+
+
+def add_step_timing(funnel: list[dict[str, Any]], timing: dict[str, StepProgress],
+                    started: float) -> None:
+    """When the first and the last rows came out of each step, in seconds since the run
+    started: steps stream concurrently, so these overlap instead of adding up."""
+    for entry in funnel:
+        progress = timing.get(entry["name"])
+        if progress is not None and progress.first_seen:
+            entry["first_rows_at_s"] = round(progress.first_seen - started, 2)
+            entry["last_rows_at_s"] = round(progress.last_seen - started, 2)
 
 
 def manifest_of(job: JobSpec, run_id: str, shards: list[InputShard], stats: WriteStats,

@@ -52,3 +52,8 @@ def test_a_run_logs_progress_per_step_until_done(local_ray, tmp_path, monkeypatc
     assert any(re.search(r"refine \d+/12 \(\d+%\) [\d.]+ tok/s ETA \d+", line)
                for line in lines[:-1]), lines
     assert summary["rows_in"] == 12
+    # when rows came out of each step: dedup_exact is a barrier, so it starts after refine ends
+    steps = {step["name"]: step for step in summary["steps"]}
+    refine, dedup = steps["refine"], steps["dedup_exact"]
+    assert 0 < refine["first_rows_at_s"] <= refine["last_rows_at_s"] < summary["wall_seconds"]
+    assert dedup["first_rows_at_s"] >= refine["last_rows_at_s"]

@@ -120,7 +120,11 @@ def test_report_of_a_real_run_through_the_cli(finished_run):
     assert "No score columns in this run." in markdown
     assert "No task category or language columns in this run." in markdown
     assert "No created rows (expand, pair_expand) in this run." in markdown
-    assert f"| {summary['completion_tokens']} |" in markdown_section(markdown, "Tokens and time")
+    timing = markdown_section(markdown, "Tokens and time")
+    assert f"| {summary['completion_tokens']} |" in timing
+    refine = next(step for step in summary["steps"] if step["name"] == "refine")
+    assert f"| refine | {refine['first_rows_at_s']:,.1f} | {refine['last_rows_at_s']:,.1f} |" \
+        in timing
 
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in html

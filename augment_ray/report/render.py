@@ -404,7 +404,19 @@ def tokens_section(view: RunView) -> Section:
          for step in steps], "Tokens per step")
     note = (f"Run wall time {s.get('wall_seconds', 0):,.1f} s; "
             f"{s.get('completion_tokens_per_second', 0):,.1f} generated tokens/s over the whole "
-            "run. Steps stream concurrently, so there is no wall time per step.")
+            "run.")
+    timed = [step for step in s.get("steps", []) if "first_rows_at_s" in step]
+    if timed:
+        time_html, time_md = table(
+            ["step", "first rows out at (s)", "last rows out at (s)"],
+            [(step["name"], f"{step['first_rows_at_s']:,.1f}", f"{step['last_rows_at_s']:,.1f}")
+             for step in timed], numeric=(1, 2))
+        html += time_html
+        md += "\n\n" + time_md
+        note += (" Times are seconds since the run started; steps stream concurrently, so they "
+                 "overlap instead of adding up.")
+    else:
+        note += " Steps stream concurrently, so there is no wall time per step."
     return Section("tokens", "Tokens and time",
                    f'{chart}{html}<p class="note">{escape(note)}</p>', f"{md}\n\n{note}")
 
