@@ -86,27 +86,34 @@ class ReadLedger:
         return sum(self.rows.values()), len(self.rows)
 
 
-def read_and_count(batch: Any, spec: InputSpec, ledger: Any = None) -> Iterator[Any]:
-    """read_shards for one file, telling the ledger how many rows it gave."""
+def read_and_count(batch: Any, spec: InputSpec, ledger: Any = None, board: Any = None
+                   ) -> Iterator[Any]:
+    """read_shards for one file, telling the ledger how many rows it gave (and the progress
+    board as they come: a progress map after the read would turn an empty file's block, which
+    carries the schema, into a block without one)."""
     rows = 0
     for table in read_shards(batch, spec):
         rows += len(table)
+        if board is not None and len(table):
+            board.add.remote(INPUT_STEP, len(table), 0)
         yield table
     if ledger is not None:
         ray.get(ledger.record.remote(batch["path"][0].as_py(), rows))
 
 
-def read_dataset(spec: InputSpec, shards: list[InputShard], ledger: Any = None
-                 ) -> ray.data.Dataset:
+def read_dataset(spec: InputSpec, shards: list[InputShard], ledger: Any = None,
+                 board: Any = None) -> ray.data.Dataset:
     """The normalized rows of the input: one read task per input file."""
     return ray.data.from_items(
         [{"path": shard.path, "format": shard.format} for shard in shards],
         override_num_blocks=len(shards),
-    ).map_batches(read_and_count, fn_kwargs={"spec": spec, "ledger": ledger}, batch_size=1,
-                  batch_format="pyarrow")
+    ).map_batches(read_and_count, fn_kwargs={"spec": spec, "ledger": ledger, "board": board},
+                  batch_size=1, batch_format="pyarrow")
 
 
 def with_progress(ds: ray.data.Dataset, step: str, board: Any) -> ray.data.Dataset:
+    # Ray Data does not call a UDF on an empty block and passes on an empty block without a
+    # schema; steps never drop rows, so only an empty input makes one, and the sink skips it
     return ds.map_batches(count_progress, fn_kwargs={"step": step, "board": board},
                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
@@ -266,7 +273,7 @@ def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: 
     progress = ProgressLogger(board, names, input_rows_hint(job.input, shards), ledger,
                               len(shards))
     with user_errors_unwrapped(job.reliability.max_actor_restarts), progress:
-        ds = with_progress(read_dataset(job.input, shards, ledger), INPUT_STEP, board)
+        ds = read_dataset(job.input, shards, ledger, board)
         for step in steps:  # a barrier step runs everything before it here
             ds = with_progress(step.apply(ds), step.name, board)
         ds.write_datasink(sink)

@@ -269,6 +269,17 @@ def test_empty_parquet_commits_an_empty_output(local_ray, tmp_path):
     assert json.loads((out / "_manifest.json").read_text())["rows"] == 0
 
 
+def test_empty_parquet_through_a_chain_of_steps_commits_an_empty_output(local_ray, tmp_path):
+    # Ray Data passes an empty block on without a schema after any map: dedup must cope
+    case = bad_inputs.empty_parquet(tmp_path / "in")
+    out = tmp_path / "out"
+    steps = [{"kind": "filter", "max_chars": 100}, {"kind": "dedup_exact"},
+             {"kind": "dedup_near"}]
+    summary = run_job(make_job(case, out, steps))
+    assert_committed(out, summary, [], {})
+    assert summary["accounting"]["input_rows_read"] == 0
+
+
 def test_empty_jsonl_commits_an_empty_output(local_ray, tmp_path):
     case = bad_inputs.empty_jsonl(tmp_path / "in")
     out = tmp_path / "out"

@@ -45,6 +45,8 @@ CLIQUE_LIMIT = 16
 def _comparable(block: pa.Table, columns: list[str], normalize: NormalizeSpec,
                 step: str) -> tuple[pa.Array, pa.Array]:
     """(ids, folded texts) of live rows with some text; other rows are never duplicates."""
+    if not block.num_rows:  # Ray Data passes an empty input's blocks on without a schema
+        return pa.array([], pa.string()), pa.array([], pa.string())
     text = joined_text(block, columns, normalize, step)
     keep = pc.and_(live_mask(block), pc.greater(pc.utf8_length(text), 0))
     ids = as_array(block[ID])
