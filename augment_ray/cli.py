@@ -258,7 +258,7 @@ def submit(job_file: str, address: str | None, ds: str | None, wait: bool, worki
 @click.argument("output_uri")
 def summary(output_uri: str) -> None:
     """Print the summary of the finished run at OUTPUT_URI (local path, s3:// or oss://)."""
-    from augment_ray.io.write import SUMMARY
+    from augment_ray.io.committed import SUMMARY
     from augment_ray.storage import location
     from augment_ray.summary import format_summary, redact_uri
 

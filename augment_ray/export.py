@@ -23,15 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from augment_ray.errors import InputDataError, StorageError
+from augment_ray.io.committed import MANIFEST, require_committed
 from augment_ray.storage import Location, describe_os_error
-
-# the commit layout written by augment_ray/io/write.py (not imported: that module imports Ray)
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
 
 INSTRUCTION = "instruction"
 INPUT = "input"
@@ -106,16 +102,7 @@ def _read_json(loc: Location) -> dict[str, Any]:
 
 def data_files(output: Location) -> list[Location]:
     """The data shards of the finished run at `output`, as its manifest lists them."""
-    marker = output.join(SUCCESS)
-    try:
-        missing = marker.file_info().type == pafs.FileType.NotFound
-    except (OSError, pa.ArrowException) as error:
-        raise describe_os_error(marker, "read", error) from None
-    if missing:
-        raise StorageError(
-            f"{output.uri} is not a finished run (no {SUCCESS}): export reads only committed "
-            "outputs; wait for the run to finish or rerun it."
-        )
+    require_committed(output, "export")
     manifest = output.join(MANIFEST)
     try:
         files = _read_json(manifest).get("files")

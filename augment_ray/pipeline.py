@@ -443,14 +443,18 @@ def without_ray_notes(error: AugmentRayError) -> AugmentRayError:
     cut = next((i for i, line in enumerate(lines) if any(n in line for n in RAY_NOTES)), None)
     if cut is None:
         return error
-    clean = type(error)("\n".join(lines[:cut]).strip())
-    return clean
+    return type(error)("\n".join(lines[:cut]).strip())
 
 
 def find_actor_death(error: BaseException) -> BaseException | None:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     kinds = (ActorDiedError, ActorUnavailableError, RayActorError)
+    return next((e for e in chained_errors(error) if isinstance(e, kinds)), None)
+
+
+def chained_errors(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception it wraps (Ray's `cause`, __cause__, __context__), once each."""
     seen: set[int] = set()
     stack: list[BaseException] = [error]
     while stack:
@@ -458,12 +462,10 @@ def find_actor_death(error: BaseException) -> BaseException | None:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, kinds):
-            return current
+        yield current
         for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
             if isinstance(linked, BaseException):
                 stack.append(linked)
-    return None
 
 
 def _first_line(error: BaseException) -> str:
@@ -474,19 +476,10 @@ def _first_line(error: BaseException) -> str:
 def find_user_error(error: BaseException) -> AugmentRayError | None:
     """Ray wraps an exception raised in a task (RayTaskError, UserCodeException, ...); dig out the
     AugmentRayError inside so the user sees its message, not a remote traceback."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [error]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in chained_errors(error):
         # Ray's wrapper classes subclass the original type too; only the original is wanted
         if isinstance(current, AugmentRayError) and type(current).__module__.startswith(
             "augment_ray"
         ):
             return without_ray_notes(current)
-        for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
-            if isinstance(linked, BaseException):
-                stack.append(linked)
     return None

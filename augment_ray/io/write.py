@@ -36,6 +36,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from augment_ray.errors import StorageError
+from augment_ray.io.committed import MANIFEST, SUCCESS, SUMMARY
 from augment_ray.rows import ORIGIN_STEP, REJECT_COLUMNS, REJECT_REASON, REJECT_STEP
 from augment_ray.storage import Location, describe_os_error
 
@@ -44,9 +45,6 @@ COMPRESSION = "zstd"
 DATA_DIR = "data"
 REJECTS_DIR = "_rejects"
 STAGING_DIR = "_staging"  # where a run writes; commit moves the files to data/ and _rejects/
-MANIFEST = "_manifest.json"
-SUMMARY = "_summary.json"
-SUCCESS = "_SUCCESS"
 
 
 @dataclass

@@ -17,17 +17,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from augment_ray.errors import StorageError
+from augment_ray.io.committed import MANIFEST, SUMMARY, require_committed
 from augment_ray.rows import ID, INPUT_STEP, ORIGIN_STEP, REJECT_DETAIL, REJECT_REASON, REJECT_STEP
 from augment_ray.storage import Location, describe_os_error, redact_uri
 
 # the commit layout written by augment_ray/io/write.py (not imported: that module imports Ray)
-MANIFEST = "_manifest.json"
-SUMMARY = "_summary.json"
-SUCCESS = "_SUCCESS"
 
 SAMPLE_LIMIT = 20_000
 SEED = 0
@@ -108,21 +105,6 @@ def _read_json(loc: Location) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise StorageError(f"{redact_uri(loc.uri)} is not a JSON object.")
     return payload
-
-
-def check_committed(output: Location) -> None:
-    marker = output.join(SUCCESS)
-    try:
-        missing = marker.file_info().type == pafs.FileType.NotFound
-    except (OSError, pa.ArrowException) as error:
-        raise describe_os_error(marker, "read", error) from None
-    if missing:
-        raise StorageError(
-            f"{redact_uri(output.uri)} is not a finished run (no {SUCCESS}): the report reads "
-            "only committed outputs, because an unfinished one has no summary and its shards "
-            "may still move; wait for the run to finish (or rerun it to resume), then run "
-            "`augment-ray report` again."
-        )
 
 
 def _shards(output: Location, manifest: dict[str, Any], key: str) -> list[Location]:
@@ -209,7 +191,7 @@ def _duplicate_targets(table: pa.Table, step: str) -> list[str]:
 
 
 def load_run(output: Location, limit: int = SAMPLE_LIMIT, samples: int = 5) -> RunView:
-    check_committed(output)
+    require_committed(output, "the report")
     summary = _read_json(output.join(SUMMARY))
     manifest = _read_json(output.join(MANIFEST))
     data = _shards(output, manifest, "files")
