@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from augment_ray.config import JobSpec, load_job
+from augment_ray.config.job import JobSpec, load_job
 from augment_ray.errors import AugmentRayError
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def validate(job_file: str, ds: str | None) -> None:
     Exit code 0 when valid, 2 when not (with one paragraph naming the bad field). A loop job
     (one with `seeds:`) is checked as such.
     """
-    from augment_ray.config import read_job_yaml
+    from augment_ray.config.dates import read_job_yaml
     from augment_ray.summary import redact_uri
 
     try:
@@ -222,7 +222,7 @@ def submit(job_file: str, address: str | None, ds: str | None, wait: bool, worki
     Exit code 0 when submitted (or nothing to do); with --wait, 0 only if the job succeeded.
     1 when the cluster cannot be reached or the job failed, 2 when the job file is invalid.
     """
-    from augment_ray.config import check_ds, today_ds
+    from augment_ray.config.dates import check_ds, today_ds
     from augment_ray.submit import follow, plan_submission
     from augment_ray.submit import submit as submit_job
 

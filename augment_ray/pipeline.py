@@ -16,7 +16,8 @@ from typing import Any
 import ray
 import ray.data
 
-from augment_ray.config import InputSpec, JobSpec
+from augment_ray.config.io import InputSpec
+from augment_ray.config.job import JobSpec
 from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
 from augment_ray.io.journal import WORK_DIR, journaled_counts
 from augment_ray.io.read import (
@@ -41,10 +42,10 @@ from augment_ray.io.write import (
     read_json,
     write_json,
 )
+from augment_ray.kinds import build_steps
 from augment_ray.progress import ProgressBoard, ProgressLogger, StepProgress, count_progress
 from augment_ray.rows import ID, INPUT_STEP
-from augment_ray.steps import Step, build_steps
-from augment_ray.steps.base import RunContext
+from augment_ray.steps.base import RunContext, Step
 from augment_ray.storage import Location, location
 from augment_ray.summary import build_summary, redact_uri
 

@@ -16,7 +16,7 @@ from urllib.parse import urlparse, urlunparse
 
 import pyarrow.fs as pafs
 
-from augment_ray.config import StorageOptions
+from augment_ray.config.base import StorageOptions
 from augment_ray.errors import StorageError
 
 OSS_KEY_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")

@@ -286,7 +286,7 @@ def evaluate(rows: list[dict[str, Any]], truth: dict[str, dict[str, Any]],
 
 def run_method(name: str, config: dict[str, Any], engine: dict[str, Any], source: Path,
                output: Path, truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from augment_ray.config import parse_job
+    from augment_ray.config.job import parse_job
     from augment_ray.pipeline import run_job
 
     job = parse_job({

@@ -142,7 +142,7 @@ def run_raw_in_subprocess(engine: str, argv: list[str]) -> dict[str, Any]:
 # ---- the pipeline -----------------------------------------------------------------------------
 
 def vllm_spec(args: argparse.Namespace) -> Any:
-    from augment_ray.config import VllmEngineSpec
+    from augment_ray.engines.vllm_engine import VllmEngineSpec
 
     return VllmEngineSpec.model_validate(vllm_engine(args))
 
@@ -174,7 +174,7 @@ def pipeline_engine(engine: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_pipeline(engine: str, args: argparse.Namespace, rows: list[dict],
                  workdir: Path) -> dict[str, Any]:
-    from augment_ray.config import parse_job
+    from augment_ray.config.job import parse_job
     from augment_ray.pipeline import run_job
 
     source = workdir / f"in-{engine}"

@@ -56,10 +56,10 @@ def make_shards(folder: Path, shards: int, rows: int) -> int:
 def commit_benchmark(shards: int, rows: int, repeats: int) -> dict:
     import ray
 
-    from augment_ray.config import parse_job
+    from augment_ray.config.job import parse_job
     from augment_ray.io.read import list_input_shards
+    from augment_ray.kinds import build_steps
     from augment_ray.pipeline import read_dataset, run_job
-    from augment_ray.steps import build_steps
 
     work = Path(tempfile.mkdtemp(prefix="bench-commit-"))
     total = make_shards(work / "in", shards, rows)

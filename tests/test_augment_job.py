@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from augment_ray.config import parse_job
+from augment_ray.config.job import parse_job
 from augment_ray.pipeline import run_job
 from augment_ray.rows import derived_id
 from augment_ray.tasks.classify import TASK_CATEGORIES

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from bad_inputs import Case
 
-from augment_ray.config import InputSpec, JobSpec, parse_job
+from augment_ray.config.io import InputSpec
+from augment_ray.config.job import JobSpec, parse_job
 from augment_ray.errors import InputDataError, StorageError
 from augment_ray.io.read import InputShard, check_given_ids_unique, list_input_shards
 from augment_ray.pipeline import run_job

@@ -9,24 +9,21 @@ import math
 import pyarrow as pa
 import pytest
 
-from augment_ray.config import (
-    AutoCorrectStepSpec,
-    SamplingParams,
-    ScoreStepSpec,
-    TransformersEngineSpec,
-)
+from augment_ray.config.base import SamplingParams
 from augment_ray.curate.confidence import answer_similarity, auroc, combine, final_number
-from augment_ray.engines import Completion, GenerationFailure
+from augment_ray.engines.base import Completion, GenerationFailure
+from augment_ray.engines.transformers_engine import TransformersEngineSpec
 from augment_ray.steps import engine_pool
 from augment_ray.steps.auto_correct import (
     CANDIDATE_PHASE,
     COMPARE_PHASE,
+    AutoCorrectStepSpec,
     CorrectRunner,
     better_confidence,
     replaces,
 )
 from augment_ray.steps.auto_filter import Threshold
-from augment_ray.steps.score import ScoreRunner
+from augment_ray.steps.score import ScoreRunner, ScoreStepSpec
 from augment_ray.tasks import judge
 
 

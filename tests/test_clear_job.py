@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from augment_ray.config import SamplingParams, TransformersEngineSpec, parse_job
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.job import parse_job
+from augment_ray.engines.transformers_engine import TransformersEngineSpec
 from augment_ray.errors import InputDataError
 from augment_ray.pipeline import run_job
 from augment_ray.summary import format_summary

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from augment_ray.cli import main
-from augment_ray.config import JobSpec, check_ds, load_job, parse_job, render_dates
+from augment_ray.config.dates import check_ds, render_dates
+from augment_ray.config.job import JobSpec, load_job, parse_job
 from augment_ray.errors import AugmentRayError
 from augment_ray.submit import base_submission_id, plan_submission
 

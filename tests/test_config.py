@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from augment_ray.config import load_job, parse_job
+from augment_ray.config.job import load_job, parse_job
 from augment_ray.errors import JobSpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_sampling_override_merges():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_job_is_valid_and_builds(path):
-    from augment_ray.steps import build_steps
+    from augment_ray.kinds import build_steps
 
     job = load_job(path)
     assert [step.name for step in build_steps(job)] == [s.step_name for s in job.steps]

@@ -17,13 +17,8 @@ import pytest
 import ray
 import ray.data
 
-from augment_ray.config import (
-    DecontaminateStepSpec,
-    EvalSetSpec,
-    NormalizeSpec,
-    StorageOptions,
-    parse_job,
-)
+from augment_ray.config.base import NormalizeSpec, StorageOptions
+from augment_ray.config.job import parse_job
 from augment_ray.curate.decontaminate import (
     NgramIndex,
     best_matches,
@@ -34,7 +29,7 @@ from augment_ray.curate.hashing import hash64
 from augment_ray.curate.text import fold
 from augment_ray.errors import InputDataError, JobSpecError, StorageError
 from augment_ray.pipeline import run_job
-from augment_ray.steps.decontaminate import DecontaminateStep
+from augment_ray.steps.decontaminate import DecontaminateStep, DecontaminateStepSpec, EvalSetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "jobs" / "data" / "eval"

@@ -12,14 +12,16 @@ import pytest
 import ray
 import ray.data
 
-from augment_ray.config import DedupExactStepSpec, DedupNearStepSpec, parse_job
+from augment_ray.config.job import parse_job
 from augment_ray.curate import minhash
 from augment_ray.curate.components import components
 from augment_ray.errors import InputDataError
 from augment_ray.pipeline import run_job
 from augment_ray.steps.dedup import (
     DedupExactStep,
+    DedupExactStepSpec,
     DedupNearStep,
+    DedupNearStepSpec,
     _exact_groups,
     mark_duplicates,
 )

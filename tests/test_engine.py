@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from augment_ray.config import TransformersEngineSpec
-from augment_ray.engines.transformers_engine import TransformersEngine
+from augment_ray.engines.transformers_engine import TransformersEngine, TransformersEngineSpec
 
 
 def test_engine_batches_respect_size_and_token_budget():

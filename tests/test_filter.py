@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import FilterStepSpec, parse_job
+from augment_ray.config.job import parse_job
 from augment_ray.curate.filters import (
     DEFAULT_REFUSAL_PHRASES,
     RULE_ORDER,
@@ -21,7 +21,8 @@ from augment_ray.curate.filters import (
 )
 from augment_ray.curate.words import token_counts
 from augment_ray.errors import InputDataError, JobSpecError
-from augment_ray.steps import build_steps
+from augment_ray.kinds import build_steps
+from augment_ray.steps.filter import FilterStepSpec
 
 ALL_OFF = {
     "max_repeated_ngram_ratio": None, "max_non_printable_ratio": None,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from augment_ray.config import SamplingParams
-from augment_ray.engines import Completion
+from augment_ray.config.base import SamplingParams
+from augment_ray.engines.base import Completion
 from augment_ray.rows import derived_id
-from augment_ray.steps.llm import GenerationRows, LLMTaskRunner, RunOptions
+from augment_ray.steps.generation import GenerationRows, RunOptions
+from augment_ray.steps.llm import LLMTaskRunner
 from augment_ray.tasks.expand import ExpandTask
 from augment_ray.tasks.respond import RespondTask
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from augment_ray.config import JobSpec, parse_job
+from augment_ray.config.job import JobSpec, parse_job
 from augment_ray.pipeline import run_job
 
 pytestmark = pytest.mark.integration

@@ -26,9 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import OpenAIEngineSpec, SamplingParams, parse_job
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.job import parse_job
 from augment_ray.engines.base import Completion, GenerationFailure
-from augment_ray.engines.openai_engine import OpenAIEngine
+from augment_ray.engines.openai_engine import OpenAIEngine, OpenAIEngineSpec
 from augment_ray.errors import EngineError
 from augment_ray.pipeline import run_job
 

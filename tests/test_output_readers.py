@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import JobSpec, parse_job
+from augment_ray.config.job import JobSpec, parse_job
 from augment_ray.pipeline import run_job, spec_digest
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import parse_job
+from augment_ray.config.job import parse_job
 from augment_ray.pipeline import run_job
 from augment_ray.progress import StepProgress, format_duration, progress_line
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import InputSpec
+from augment_ray.config.io import InputSpec
 from augment_ray.errors import InputDataError, StorageError
 from augment_ray.io.read import (
     InputShard,
@@ -138,10 +138,10 @@ def test_read_shards_carries_repeat_counts_across_batches(tmp_path, monkeypatch)
 
 
 def test_step_output_column_may_not_overwrite_an_input_column(tmp_path):
-    from augment_ray.config import parse_job
+    from augment_ray.config.job import parse_job
     from augment_ray.errors import JobSpecError
+    from augment_ray.kinds import build_steps
     from augment_ray.pipeline import check_column_clashes
-    from augment_ray.steps import build_steps
 
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"instruction": ["a"], "refined_instruction": ["mine"]}), path)

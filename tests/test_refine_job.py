@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 
-from augment_ray.config import JobSpec, load_job, parse_job
+from augment_ray.config.job import JobSpec, load_job, parse_job
 from augment_ray.errors import StorageError
 from augment_ray.pipeline import run_job
 

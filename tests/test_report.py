@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import StorageOptions, parse_job
+from augment_ray.config.base import StorageOptions
+from augment_ray.config.job import parse_job
 from augment_ray.report import build_report, write_report
 from augment_ray.report.tokens import whitespace_counter
 from augment_ray.storage import Location

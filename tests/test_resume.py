@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from augment_ray.config import parse_job
+from augment_ray.config.job import parse_job
 from augment_ray.errors import RunFailedError
 from augment_ray.io.journal import GenerationJournal, request_keys
 from augment_ray.io.write import WriteStats
@@ -258,14 +258,14 @@ class CountingEngine:
         self.asked: list[str] = []
 
     def generate(self, prompts, sampling):
-        from augment_ray.engines import Completion
+        from augment_ray.engines.base import Completion
 
         self.asked += [p[0]["content"] for p in prompts]
         return [Completion(f"answer to {p[0]['content']}", 3, 2, "stop") for p in prompts]
 
 
 def test_journal_replays_answers_of_an_earlier_attempt(local_ray, tmp_path):
-    from augment_ray.config import SamplingParams
+    from augment_ray.config.base import SamplingParams
 
     work = location(str(tmp_path / "_work"), None)
     sampling = SamplingParams(max_tokens=4)
@@ -297,8 +297,8 @@ class RaisingEngine:
 
 
 def test_an_engine_call_that_raises_rejects_its_rows_instead_of_failing_the_batch():
-    from augment_ray.config import SamplingParams
-    from augment_ray.engines import GenerationFailure
+    from augment_ray.config.base import SamplingParams
+    from augment_ray.engines.base import GenerationFailure
     from augment_ray.steps.engine_pool import GuardedEngine
 
     prompts = [[{"role": "user", "content": text}] for text in ("a", "b")]
@@ -307,7 +307,7 @@ def test_an_engine_call_that_raises_rejects_its_rows_instead_of_failing_the_batc
 
 
 def test_a_task_that_raises_rejects_the_row_with_the_error():
-    from augment_ray.steps.llm import prompt_rows
+    from augment_ray.steps.generation import prompt_rows
 
     class BrokenTask:
         def prompts(self, row):

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from augment_ray.config import InputSpec, StorageOptions
+from augment_ray.config.base import StorageOptions
+from augment_ray.config.io import InputSpec
 from augment_ray.errors import StorageError
 from augment_ray.io.read import InputShard, list_input_shards, read_shard_batches, read_shards
 from augment_ray.io.write import DATA_DIR, REJECTS_DIR, STAGING_DIR, commit, prepare_output

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from augment_ray.config import parse_job
+from augment_ray.config.job import parse_job
 from augment_ray.pipeline import run_job
 from augment_ray.storage import location
 

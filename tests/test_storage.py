@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from augment_ray.config import StorageOptions, parse_job
+from augment_ray.config.base import StorageOptions
+from augment_ray.config.job import parse_job
 from augment_ray.errors import JobSpecError, StorageError
 from augment_ray.storage import Location, describe_os_error, location, s3_filesystem
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from augment_ray import pipeline
-from augment_ray.config import VllmEngineSpec, parse_job
+from augment_ray.config.job import parse_job
+from augment_ray.engines.vllm_engine import VllmEngineSpec
 from augment_ray.pipeline import run_job
 from augment_ray.steps.ray_data_llm import processor_config
 

@@ -10,12 +10,14 @@ with fewer than n words counts as one n-gram of all its words.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from augment_ray.config import EvalSetSpec, InputSpec, NormalizeSpec
+from augment_ray.config.base import NormalizeSpec
+from augment_ray.config.io import InputSpec
 from augment_ray.curate.hashing import as_array, ngram_hashes
 from augment_ray.curate.text import fold, joined_text, text_columns
 from augment_ray.curate.verdicts import live_positions, reject_at
@@ -23,6 +25,9 @@ from augment_ray.curate.words import distinct_per_row, split_words
 from augment_ray.errors import AugmentRayError, InputDataError
 from augment_ray.io.read import list_input_shards, read_shard_batches
 from augment_ray.storage import location
+
+if TYPE_CHECKING:
+    from augment_ray.steps.decontaminate import EvalSetSpec
 
 REASON = "contaminated"
 # most (row, eval item) pairs expanded at once; bounds memory when n-grams are common

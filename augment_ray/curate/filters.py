@@ -11,17 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from augment_ray.config import FilterStepSpec, NormalizeSpec
+from augment_ray.config.base import NormalizeSpec
 from augment_ray.curate.hashing import as_array, ngram_hashes
 from augment_ray.curate.text import fold, text_columns
 from augment_ray.curate.verdicts import live_positions, reject_at
 from augment_ray.curate.words import distinct_per_row, split_words, token_counts
 from augment_ray.errors import InputDataError
+
+if TYPE_CHECKING:
+    from augment_ray.steps.filter import FilterStepSpec
 
 RULE_ORDER = (
     "empty_response",

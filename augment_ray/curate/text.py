@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from augment_ray.config import NormalizeSpec
+from augment_ray.config.base import NormalizeSpec
 from augment_ray.curate.hashing import as_array
 from augment_ray.errors import InputDataError
 

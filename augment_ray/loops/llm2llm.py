@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from augment_ray.config import EngineSpec, InputSpec
+from augment_ray.config.base import EngineSpec
+from augment_ray.config.io import InputSpec
 from augment_ray.errors import AugmentRayError, StorageError
 from augment_ray.io.read import list_input_shards
 from augment_ray.io.write import write_json

@@ -1,6 +1,1 @@
-"""Pipeline steps: each turns a Ray Dataset of rows into another and knows nothing else."""
-
-from augment_ray.steps.base import Step
-from augment_ray.steps.registry import build_steps
-
-__all__ = ["Step", "build_steps"]
+"""Steps: the Step contract (base.py) and one module per step kind (see augment_ray.kinds)."""

@@ -11,20 +11,26 @@ one actor pool runs both phases on one model copy; with two, each has its own po
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import ray.data
+from pydantic import Field
 
-from augment_ray.config import AutoCorrectStepSpec, EngineSpec, SamplingParams
-from augment_ray.engines import Completion
+from augment_ray.config.base import EngineSpec, SamplingOverrides, SamplingParams
+from augment_ray.engines.base import Completion, describe_engine
 from augment_ray.io.journal import GenerationJournal
+from augment_ray.kinds import step_kind
 from augment_ray.rows import live_mask, reject_rows, set_column
-from augment_ray.steps.auto_filter import Threshold, dataset_threshold, split_by_threshold
+from augment_ray.steps.auto_filter import (
+    ConfidenceThresholdSpec,
+    Threshold,
+    dataset_threshold,
+    split_by_threshold,
+)
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
     EngineActor,
-    describe_engine,
     generate_grouped,
     map_with_engine_pool,
     pool_cpus,
@@ -65,6 +71,31 @@ def better_confidence(candidate_second: float | None, candidate_first: float | N
 def replaces(confidence: float | None, eta: float) -> bool:
     """The Auto-Correct rule: replace only when the judge is confident enough."""
     return confidence is not None and confidence >= eta
+
+
+class AutoCorrectStepSpec(ConfidenceThresholdSpec):
+    """CLEAR Auto-Correct: for rows below the threshold, `engine` writes a candidate response and
+    `judge` says whether it is better than the original; the candidate replaces the response
+    only when that confidence is >= eta, else the row is rejected (not_corrected). The original
+    response is kept in `<name>_original_output`."""
+
+    engine_fields: ClassVar[tuple[str, ...]] = ("engine", "judge")
+
+    kind: Literal["auto_correct"]
+    engine: str = Field(description="engine that writes candidate responses")
+    judge: str | None = Field(None, description="engine that compares; default: `engine`")
+    sampling: SamplingOverrides | None = Field(
+        None, description="sampling of the candidate responses"
+    )
+    eta: float = Field(0.8, ge=0.0, le=1.0, description="confidence needed to replace")
+    instruction_column: str = "instruction"
+    response_column: str = "output"
+    both_orders: bool = Field(
+        True,
+        description="ask the comparison with the candidate second and again with it first, "
+        "and average (cancels the judge's position bias; twice the judge passes)",
+    )
+    top_logprobs: int = Field(20, gt=0, le=20)
 
 
 class CorrectRunner(EngineActor):
@@ -176,8 +207,14 @@ class CorrectRunner(EngineActor):
         return reject_rows(table, self.step, failures)
 
 
+@step_kind(AutoCorrectStepSpec)
 class AutoCorrectStep(Step):
-    kind = "auto_correct"
+
+    @classmethod
+    def from_spec(cls, spec: Any, job: Any) -> AutoCorrectStep:
+        engine = job.engines[spec.engine]
+        return cls(spec, engine, job.engines[spec.judge or spec.engine],
+                   engine.sampling.merged(spec.sampling))
 
     def __init__(self, spec: AutoCorrectStepSpec, engine_spec: EngineSpec,
                  judge_spec: EngineSpec, sampling: SamplingParams) -> None:

@@ -9,20 +9,46 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
+from pydantic import Field
 
-from augment_ray.config import AutoFilterStepSpec, ConfidenceThresholdSpec
+from augment_ray.config.steps import StepSpec
 from augment_ray.errors import InputDataError
+from augment_ray.kinds import step_kind
 from augment_ray.rows import live_mask, reject_rows
 from augment_ray.steps.base import Step
 
 log = logging.getLogger(__name__)
 TIE_WARNING_SHARE = 0.1
+
+
+class ConfidenceThresholdSpec(StepSpec):
+    """Where a dataset-wide confidence threshold comes from (a barrier: the whole dataset is
+    scored before it is computed)."""
+
+    confidence_column: str = Field(
+        "score_confidence", description="the confidence written by a score step"
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="absolute threshold; unset: the `quantile`"
+    )
+    quantile: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="threshold = this quantile of the confidence over all live rows of the "
+        "dataset (default: the median)",
+    )
+
+
+class AutoFilterStepSpec(ConfidenceThresholdSpec):
+    """CLEAR Auto-Filter: keeps rows whose confidence is at or above the threshold; the rest go
+    to _rejects as low_confidence, with their scores."""
+
+    kind: Literal["auto_filter"]
 
 
 @dataclass(frozen=True)
@@ -111,8 +137,8 @@ def _filter_batch(batch: pa.Table, column: str, threshold: Threshold, step: str)
     return reject_rows(batch, step, failures)
 
 
+@step_kind(AutoFilterStepSpec)
 class AutoFilterStep(Step):
-    kind = "auto_filter"
 
     def __init__(self, spec: AutoFilterStepSpec) -> None:
         self.name = spec.step_name

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import ray.data
 
 if TYPE_CHECKING:
+    from augment_ray.config.job import JobSpec
+    from augment_ray.config.steps import StepSpec
     from augment_ray.io.journal import GenerationJournal
     from augment_ray.storage import Location
 
@@ -25,11 +27,27 @@ class RunContext:
 
 class Step(ABC):
     """One stage of work on rows. A step never drops a row: it rejects it (see rows.reject), and
-    it passes rows an earlier step rejected through unchanged."""
+    it passes rows an earlier step rejected through unchanged.
 
+    A step kind is a subclass registered with @step_kind(Spec) in the module that declares its
+    Spec (see augment_ray.kinds); facts about the kind are class attributes here."""
+
+    kind: ClassVar[str]
+    spec_class: ClassVar[type[StepSpec]]
+    # rows this kind passes on carry a response (`output`) it wrote
+    writes_response: ClassVar[bool] = False
     name: str
-    kind: str
     context: RunContext | None = None  # set by the pipeline before apply()
+
+    @classmethod
+    def from_spec(cls, spec: Any, job: JobSpec) -> Step:
+        """The step for one entry of the job's `steps` (most kinds need only their spec)."""
+        return cls(spec)
+
+    @classmethod
+    def summary_text(cls, entry: dict[str, Any]) -> str:
+        """What the printed summary adds to this kind's line, from its summary entry."""
+        return ""
 
     @abstractmethod
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...

@@ -17,21 +17,24 @@ import hashlib
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
+from pydantic import Field, model_validator
 
-from augment_ray.config import DedupExactStepSpec, DedupNearStepSpec, NormalizeSpec
+from augment_ray.config.base import NormalizeSpec
+from augment_ray.config.steps import TextColumnsSpec
 from augment_ray.curate import minhash
 from augment_ray.curate.components import KEEPER_SCHEMA, components
 from augment_ray.curate.hashing import as_array, hash64
 from augment_ray.curate.shuffle import hash_shuffle, parts_for
 from augment_ray.curate.text import joined_text
 from augment_ray.errors import InputDataError
+from augment_ray.kinds import step_kind
 from augment_ray.rows import ID, live_mask, reject, set_column
 from augment_ray.steps.base import Step
 
@@ -233,6 +236,52 @@ def mark_duplicates(block: pa.Table, keepers: pa.Table, step: str, reason: str) 
 _mark = ray.remote(mark_duplicates)
 
 
+class DedupExactStepSpec(TextColumnsSpec):
+    """Removes rows whose normalized text equals an earlier row's, across the whole dataset.
+    The keeper of each group is the row with the lowest id. A barrier."""
+
+    kind: Literal["dedup_exact"]
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+
+
+class DedupNearStepSpec(TextColumnsSpec):
+    """Removes near-duplicates with MinHash + LSH across the whole dataset: candidate pairs that
+    share an LSH band, verified by estimated Jaccard, joined transitively into clusters; the row
+    with the lowest id of each cluster is kept. A barrier."""
+
+    kind: Literal["dedup_near"]
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    shingle: Literal["char", "word"] = Field(
+        "char", description="shingles are n-grams of characters or of whitespace-split words"
+    )
+    shingle_size: int = Field(5, gt=0, le=64, description="n of the n-grams")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    threshold: float = Field(
+        0.8, gt=0.0, lt=1.0, description="Jaccard similarity at or above which rows are duplicates"
+    )
+    bands: int | None = Field(
+        None, gt=0, description="LSH bands; with `rows` unset both are chosen from the threshold"
+    )
+    rows: int | None = Field(None, gt=0, description="MinHash values per band")
+    verify: bool = Field(
+        True,
+        description="drop candidate pairs whose estimated Jaccard (from all num_perm values) is "
+        "below the threshold before clustering",
+    )
+    seed: int = Field(1, description="seed of the MinHash permutations")
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> DedupNearStepSpec:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both `bands` and `rows`, or neither")
+        if self.bands is not None and self.rows is not None and \
+                self.bands * self.rows > self.num_perm:
+            raise ValueError(
+                f"bands x rows = {self.bands * self.rows} exceeds num_perm {self.num_perm}"
+            )
+        return self
+
+
 class DedupStep(Step):
     """Shared barrier: materialize, find (id -> kept id), mark the rest as rejected."""
 
@@ -268,8 +317,8 @@ class DedupStep(Step):
         return {**super().describe(), **self.stats}
 
 
+@step_kind(DedupExactStepSpec)
 class DedupExactStep(DedupStep):
-    kind = "dedup_exact"
     reason = "exact_duplicate"
 
     def __init__(self, spec: DedupExactStepSpec) -> None:
@@ -288,8 +337,8 @@ class DedupExactStep(DedupStep):
                 "normalize": self.spec.normalize.model_dump()}
 
 
+@step_kind(DedupNearStepSpec)
 class DedupNearStep(DedupStep):
-    kind = "dedup_near"
     reason = "near_duplicate"
 
     def __init__(self, spec: DedupNearStepSpec) -> None:

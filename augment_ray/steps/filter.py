@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import ray.data
+from pydantic import Field, field_validator, model_validator
 
-from augment_ray.config import FilterStepSpec, InputSpec
+from augment_ray.config.io import InputSpec
+from augment_ray.config.steps import StepSpec
 from augment_ray.curate.filters import enabled_rules, filter_table
 from augment_ray.io.read import list_input_shards, read_shard_batches
+from augment_ray.kinds import step_kind, step_kinds
 from augment_ray.steps.base import Step
 from augment_ray.storage import location
 
 log = logging.getLogger(__name__)
 
-# step kinds that write `output` on the rows they pass on
-RESPONSE_WRITERS = frozenset({"respond", "pair_expand"})
 
 
 def input_has_column(spec: InputSpec, canonical: str) -> bool:
@@ -38,8 +39,87 @@ def _filter_batch(batch: pa.Table, spec: FilterStepSpec, step: str,
     return filter_table(batch, spec, step, response_rules)
 
 
+class FilterStepSpec(StepSpec):
+    """Heuristic quality filters; each rejected row names the rule it broke (the first one in
+    curate.filters.RULE_ORDER)."""
+
+    kind: Literal["filter"]
+    instruction_column: str = Field(
+        "instruction", description="the prompt; e.g. refined_instruction after a refine step"
+    )
+    response_column: str = Field(
+        "output", description="the answer; response rules are skipped when rows have no such "
+        "column (or, for `output`, when neither the input nor an earlier step provides it)"
+    )
+    min_chars: int | None = Field(
+        None, ge=0, description="fewest characters of instruction + input"
+    )
+    max_chars: int | None = Field(None, gt=0, description="most characters of instruction + input")
+    min_response_chars: int | None = Field(
+        None, ge=0, description="fewest characters of the response"
+    )
+    max_response_chars: int | None = Field(
+        None, gt=0, description="most characters of the response"
+    )
+    min_tokens: int | None = Field(
+        None, ge=0,
+        description="fewest tokens of instruction + input + response; a token is a word or "
+        "one punctuation mark (a regex count, not a model tokenizer)",
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="most tokens of instruction + input + response"
+    )
+    max_repeated_ngram_ratio: float | None = Field(
+        0.3, gt=0.0, le=1.0,
+        description="most share of word 3-grams that repeat an earlier 3-gram of the same text "
+        "(instruction and response checked separately); null turns the rule off",
+    )
+    max_non_printable_ratio: float | None = Field(
+        0.1, gt=0.0, le=1.0,
+        description="most share of control, private-use and U+FFFD characters in the row's "
+        "text; null turns the rule off",
+    )
+    refusal_phrases: list[str] | None = Field(
+        None, description="case-insensitive phrases that mark a refusal; default: a built-in list"
+    )
+    reject_refusals: bool = Field(
+        True, description="reject rows whose response contains a refusal phrase"
+    )
+    reject_empty_response: bool = Field(
+        True, description="reject rows whose response is null or blank (if the column exists)"
+    )
+    reject_response_equals_instruction: bool = Field(
+        True, description="reject rows whose response equals the instruction after folding "
+        "(NFKC, case, whitespace)"
+    )
+
+    @field_validator("refusal_phrases")
+    @classmethod
+    def _no_blank_phrase(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not phrase.strip() for phrase in value):
+            raise ValueError("a blank phrase would match every response; remove it")
+        return value
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> FilterStepSpec:
+        for low, high in (("min_chars", "max_chars"),
+                          ("min_response_chars", "max_response_chars"),
+                          ("min_tokens", "max_tokens")):
+            low_value, high_value = getattr(self, low), getattr(self, high)
+            if low_value is not None and high_value is not None and low_value > high_value:
+                raise ValueError(f"{low} {low_value} is above {high} {high_value}")
+        return self
+
+
+@step_kind(FilterStepSpec)
 class FilterStep(Step):
-    kind = "filter"
+
+    @classmethod
+    def from_spec(cls, spec: Any, job: Any) -> FilterStep:
+        steps = step_kinds()
+        before = job.steps[:next(i for i, s in enumerate(job.steps) if s is spec)]
+        written = any(steps[s.kind].writes_response for s in before)
+        return cls(spec, job.input, response_written_before=written)
 
     def __init__(self, spec: FilterStepSpec, input_spec: InputSpec | None = None,
                  response_written_before: bool = False) -> None:

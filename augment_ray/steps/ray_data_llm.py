@@ -21,11 +21,17 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import ray.data
 
-from augment_ray.config import SamplingParams, VllmEngineSpec
-from augment_ray.engines import Completion, GenerationFailure
-from augment_ray.engines.base import request_seed
+from augment_ray.config.base import SamplingParams
+from augment_ray.engines.base import (
+    Completion,
+    GenerationFailure,
+    finish_reason,
+    messages_json,
+    request_seed,
+)
 from augment_ray.engines.model_files import model_display_name
 from augment_ray.engines.vllm_engine import (
+    VllmEngineSpec,
     lora_root_and_name,
     vllm_engine_kwargs,
     vllm_model_source,
@@ -33,7 +39,7 @@ from augment_ray.engines.vllm_engine import (
 )
 from augment_ray.io.journal import GenerationJournal, request_key
 from augment_ray.rows import ID, reject_rows
-from augment_ray.steps.engine_pool import pool_cpus, replica_range
+from augment_ray.steps.generation import Generation, GenerationRows, live_rows, prompt_rows
 
 if TYPE_CHECKING:
     from augment_ray.steps.llm import LLMStep
@@ -54,8 +60,6 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
                  ) -> pa.Table:
     """One row per generation to run, plus one per row that is only passed along. A request an
     earlier attempt already answered (in the journal) is passed along as `cached`."""
-    from augment_ray.steps.llm import live_rows, prompt_rows
-
     rows = live_rows(table)
     generations, unpromptable = prompt_rows(step.task, rows)
     picks: list[int] = []
@@ -84,7 +88,7 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
             else:
                 add(index, "reject", reason="seed_not_kept", detail="")
     for generation in generations:
-        messages = json.dumps(generation.messages)
+        messages = messages_json(generation.messages)
         key = request_key(messages, sampling_json, f"{rows[generation.row].get(ID)}:"
                                                    f"{generation.index}")
         add(generation.row, "cached" if key in known else "request", generation.index,
@@ -134,8 +138,6 @@ def from_processor_row(row: dict[str, Any]) -> dict[str, Any]:
 def output_rows(table: pa.Table, step: LLMStep, model_name: str,
                 journal: GenerationJournal | None = None) -> pa.Table:
     """Request rows back to rows: parsed answers (journaled), lineage columns, rejects."""
-    from augment_ray.steps.llm import Generation, GenerationRows
-
     out = GenerationRows(step.name, step.engine_name, model_name, step.task, step.sampling)
     if not table.num_rows:
         return table.select([])
@@ -175,7 +177,7 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str,
                 text=(texts[index] or "").strip(),
                 prompt_tokens=prompt_tokens[index] or 0,
                 completion_tokens=used,
-                finish_reason="length" if used >= step.sampling.max_tokens else "stop",
+                finish_reason=finish_reason(used, step.sampling.max_tokens),
             )
             fresh.append((keys[index], result))
         out.parse(row_dicts[index], generation, result, step.options.reject_truncated)
@@ -200,7 +202,7 @@ def _column(table: pa.Table, name: str) -> list[Any]:
 
 def processor_cpus(spec: VllmEngineSpec) -> float:
     """The engines' CPUs plus the processor's chat-template stage, at their largest."""
-    return pool_cpus(spec) + CPU_STAGE_CPUS * replica_range(spec)[1]
+    return spec.replica_range[1] * (spec.num_cpus + CPU_STAGE_CPUS)
 
 
 def processor_config(spec: VllmEngineSpec) -> Any:

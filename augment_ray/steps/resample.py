@@ -11,11 +11,14 @@ import hashlib
 import logging
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import ray.data
+from pydantic import Field, field_validator
 
+from augment_ray.config.steps import StepSpec
+from augment_ray.kinds import step_kind
 from augment_ray.rows import ID, ORIGIN_STEP, derived_id, live_mask, reject
 from augment_ray.steps.base import Step
 
@@ -92,8 +95,36 @@ def _resample_batch(batch: pa.Table, by: list[str], factors: dict[str, float], s
     return out
 
 
+class ResampleStepSpec(StepSpec):
+    """Draws the dataset toward target group ratios, deterministically for a seed. A barrier."""
+
+    kind: Literal["resample"]
+    by: list[str] = Field(
+        default_factory=lambda: ["task_category"],
+        description="columns whose values form a group, e.g. [task_category, language]",
+    )
+    targets: dict[str, float] | None = Field(
+        None,
+        description="ratio per group key ('math' or 'math/en' with two `by` columns); "
+        "omitted: balanced over the groups present; unlisted groups are left as they are",
+    )
+    seed: int = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and (not value or any(v < 0 for v in value.values())
+                                  or sum(value.values()) <= 0):
+            raise ValueError("ratios must be >= 0 with a positive sum")
+        return value
+
+
+@step_kind(ResampleStepSpec)
 class ResampleStep(Step):
-    kind = "resample"
+
+    @classmethod
+    def from_spec(cls, spec: Any, job: Any) -> ResampleStep:
+        return cls(spec.step_name, spec.by, spec.targets, spec.seed)
 
     def __init__(self, name: str, by: list[str], targets: dict[str, float] | None,
                  seed: int) -> None:

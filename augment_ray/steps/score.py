@@ -11,22 +11,27 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import ray.data
+from pydantic import Field, field_validator
 
-from augment_ray.config import EngineSpec, SamplingParams, ScoreStepSpec
+from augment_ray.config.base import (
+    EngineSpec,
+    SamplingParams,
+)
+from augment_ray.config.steps import EngineStepSpec
 from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
-from augment_ray.engines import Completion
+from augment_ray.engines.base import Completion, describe_engine
 from augment_ray.errors import InputDataError
 from augment_ray.io.journal import GenerationJournal
+from augment_ray.kinds import step_kind
 from augment_ray.rows import live_mask, reject_rows, set_column
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
     EngineActor,
     Result,
-    describe_engine,
     generate_grouped,
     map_with_engine_pool,
     pool_cpus,
@@ -64,6 +69,55 @@ def require_columns(table: pa.Table, step: str, columns: list[str]) -> None:
                 f"Step {step!r} needs column {name!r}, which the rows do not have "
                 f"(columns: {', '.join(table.column_names)})."
             )
+
+
+ScoreMethod = Literal["p_yes", "self_reflection", "consistency", "rubric"]
+
+
+class ScoreStepSpec(EngineStepSpec):
+    """CLEAR: a confidence in [0, 1] that each row's response is a good answer to its
+    instruction, from a judge engine. Methods (any combination; each kept as a column):
+    p_yes (P(Yes) of a yes/no judge prompt, from logprobs), self_reflection (BSDetector's
+    A/B/C question asked twice), consistency (agreement of sampled judge answers with the
+    response), rubric (1-5 accuracy/helpfulness/detail, from JSON). The confidence is
+    beta * consistency + (1 - beta) * mean(other components on a 0-1 scale)."""
+
+    kind: Literal["score"]
+    methods: list[ScoreMethod] = Field(
+        default_factory=lambda: ["p_yes"], min_length=1,
+        description="p_yes is one short forward pass per row; the others generate more",
+    )
+    instruction_column: str = Field("instruction", description="the question being answered")
+    response_column: str = Field("output", description="the response being judged")
+    beta: float = Field(0.7, ge=0.0, le=1.0, description="weight of observed consistency")
+    consistency_samples: int = Field(3, gt=0, le=20, description="answers sampled per row (k)")
+    consistency_temperature: float = Field(
+        1.0, gt=0.0, description="sampling temperature of the consistency answers"
+    )
+    consistency_match: Literal["token_f1", "exact", "final_number"] = Field(
+        "token_f1",
+        description="how a sampled answer is compared with the response: word-bag F1, equal "
+        "after folding, or the same final number (GSM8K-style '#### N' or the last number)",
+    )
+    top_logprobs: int = Field(
+        20, gt=0, le=20, description="alternatives read per token for P(Yes) and A/B/C"
+    )
+    p_yes_tokens: int = Field(
+        1, gt=0, le=16,
+        description="answer tokens read for P(Yes): 1 is one forward pass (the first token); "
+        "more lets a model open with a space, quote or '**' first",
+    )
+    judge_max_tokens: int = Field(
+        8, gt=0, description="tokens for an A/B/C self-reflection answer"
+    )
+    rubric_max_tokens: int = Field(48, gt=0)
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct_methods(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
 
 
 @dataclass
@@ -240,8 +294,13 @@ class ScoreRunner(EngineActor):
         return reject_rows(table, self.step, failures)
 
 
+@step_kind(ScoreStepSpec)
 class ScoreStep(Step):
-    kind = "score"
+
+    @classmethod
+    def from_spec(cls, spec: Any, job: Any) -> ScoreStep:
+        engine = job.engines[spec.engine]
+        return cls(spec, spec.engine, engine, engine.sampling.merged(spec.sampling))
 
     def __init__(self, spec: ScoreStepSpec, engine_name: str, engine_spec: EngineSpec,
                  sampling: SamplingParams) -> None:

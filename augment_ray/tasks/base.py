@@ -8,7 +8,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, Protocol
 
-Messages = list[dict[str, str]]
+from augment_ray.engines.base import Messages
+
 Row = dict[str, Any]
 
 

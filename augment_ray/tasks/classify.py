@@ -4,7 +4,12 @@ instruction's language (from its script: more reliable than a small model's gues
 from __future__ import annotations
 
 import re
+from typing import Any, Literal
 
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.steps import LLMStepSpec
+from augment_ray.kinds import step_kind
+from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import (
     Messages,
     ParseFailure,
@@ -66,3 +71,19 @@ class ClassifyTask:
             raise ParseFailure("unknown_category", text[:500])
         return {self.category_column: category,
                 self.language_column: detect_language(row["instruction"])}
+
+
+class ClassifyTaskStepSpec(LLMStepSpec):
+    """Labels each instruction with a task category (tasks.classify.TASK_CATEGORIES) and its
+    language (en/zh, from the script)."""
+
+    kind: Literal["classify_task"]
+    category_column: str = "task_category"
+    language_column: str = "language"
+
+
+@step_kind(ClassifyTaskStepSpec)
+class ClassifyTaskStep(LLMStep):
+    @classmethod
+    def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> ClassifyTask:
+        return ClassifyTask(spec.category_column, spec.language_column)

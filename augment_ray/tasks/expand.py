@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Any, Literal
 
+from pydantic import Field
+
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.steps import PAIStepSpec
+from augment_ray.errors import JobSpecError
+from augment_ray.kinds import step_kind
+from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import (
     Messages,
     ParseFailure,
@@ -70,3 +78,31 @@ class ExpandTask:
         if _normalized(answer) == _normalized(row["instruction"]):
             raise ParseFailure("copy_of_seed", answer[:500])
         return {"instruction": answer}
+
+
+class ExpandStepSpec(PAIStepSpec):
+    """Instruction expansion: n new instructions of the same task type per seed row."""
+
+    kind: Literal["expand"]
+    n: int = Field(1, gt=0, le=64, description="new instructions per seed (one per generation)")
+    few_shot: int = Field(
+        0, ge=0, le=16,
+        description="prompted mode: also show this many other seed instructions of the same "
+        "batch as examples (drawn with the step's seed)",
+    )
+    keep_seeds: bool = Field(
+        True, description="false: seed rows go to _rejects (reason seed_not_kept)"
+    )
+
+
+@step_kind(ExpandStepSpec)
+class ExpandStep(LLMStep):
+    @classmethod
+    def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> ExpandTask:
+        native = spec.is_native(job.engines[spec.engine].model, is_native_expand_model)
+        if native and spec.few_shot:
+            raise JobSpecError(
+                f"Step {spec.step_name!r}: few_shot needs mode: prompted; the native Instruct-Exp "
+                "models take exactly one instruction."
+            )
+        return ExpandTask(native, spec.n, spec.few_shot, sampling.seed)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Any, Literal
 
+from pydantic import Field
+
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.steps import PAIStepSpec
+from augment_ray.kinds import step_kind
+from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import (
     Messages,
     ParseFailure,
@@ -89,3 +96,23 @@ class PairExpandTask:
         if " ".join(question.lower().split()) == " ".join(row["instruction"].lower().split()):
             raise ParseFailure("copy_of_seed", question[:500])
         return {"instruction": question, "output": answer}
+
+
+class PairExpandStepSpec(PAIStepSpec):
+    """Instruction-response pair expansion: new pairs in the style of k seed pairs (the row and
+    k-1 others drawn from the same batch). Rows without an output are used by no prompt."""
+
+    kind: Literal["pair_expand"]
+    k: int = Field(3, gt=0, le=16, description="seed pairs shown per prompt")
+    n: int = Field(1, gt=0, le=64, description="new pairs per seed row")
+    keep_seeds: bool = True
+
+
+@step_kind(PairExpandStepSpec)
+class PairExpandStep(LLMStep):
+    writes_response = True
+
+    @classmethod
+    def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> PairExpandTask:
+        native = spec.is_native(job.engines[spec.engine].model, is_native_pair_model)
+        return PairExpandTask(native, spec.k, spec.n, sampling.seed)

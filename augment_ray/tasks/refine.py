@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Literal
 
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.steps import PAIStepSpec
+from augment_ray.kinds import step_kind
+from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import Messages, Row, answer_text, detect_language, load_template
 
 # alibaba-pai/Qwen2-1.5B-Instruct-Refine, alibaba-pai/Qwen2-7B-Instruct-Refine, local copies
@@ -37,3 +42,18 @@ class RefineTask:
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         return {self.output_column: answer_text(text, self.TAG, self.native)}
+
+
+class RefineStepSpec(PAIStepSpec):
+    """Instruction refinement: rewrite each instruction so a model answers it more helpfully."""
+
+    kind: Literal["refine"]
+    output_column: str = "refined_instruction"
+
+
+@step_kind(RefineStepSpec)
+class RefineStep(LLMStep):
+    @classmethod
+    def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> RefineTask:
+        model = job.engines[spec.engine].model
+        return RefineTask(spec.is_native(model, is_native_refine_model), spec.output_column)

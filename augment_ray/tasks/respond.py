@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from pydantic import Field
+
+from augment_ray.config.base import SamplingParams
+from augment_ray.config.steps import LLMStepSpec
+from augment_ray.kinds import step_kind
+from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import Messages, ParseFailure, Row, load_template
 
 
@@ -28,3 +36,23 @@ class RespondTask:
         if not answer:
             raise ParseFailure("empty_output", text[:500])
         return {"output": answer, self.previous_output_column: row.get("output")}
+
+
+class RespondStepSpec(LLMStepSpec):
+    """Writes the response to each instruction with a teacher engine (distillation). The row's
+    existing response, if any, is kept in `<name>_previous_output`."""
+
+    kind: Literal["respond"]
+    instruction_column: str = Field(
+        "instruction", description="e.g. refined_instruction after a refine step"
+    )
+    reject_truncated: bool = True
+
+
+@step_kind(RespondStepSpec)
+class RespondStep(LLMStep):
+    writes_response = True
+
+    @classmethod
+    def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> RespondTask:
+        return RespondTask(spec.instruction_column, f"{spec.step_name}_previous_output")

@@ -1,0 +1,122 @@
+"""The building blocks every part of a job spec uses: the strict base model, object-store
+options, sampling parameters, text folding options and the base of every engine kind's spec."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_env_var_name(value: str | None) -> str | None:
+    """`value` when it is None or the name of an environment variable, else a ValueError
+    (pydantic reports it against the field)."""
+    if value is not None and not ENV_VAR_NAME.match(value):
+        raise ValueError(
+            "must be the NAME of an environment variable (letters, digits, _), "
+            "never the secret itself"
+        )
+    return value
+
+
+class Spec(BaseModel):
+    """Base for every job-spec model: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageOptions(Spec):
+    """How to reach an object store. Secrets are never written here, only the names of the
+    environment variables that hold them; with none given, the standard AWS chain is used
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles)."""
+
+    endpoint: str | None = Field(
+        None, description="e.g. http://127.0.0.1:9000 or oss-cn-hangzhou.aliyuncs.com"
+    )
+    region: str | None = None
+    addressing: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="auto: virtual-hosted for oss://, path-style otherwise"
+    )
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    session_token_env: str | None = None
+    anonymous: bool = False
+
+    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
+    @classmethod
+    def _env_var_name(cls, value: str | None) -> str | None:
+        return check_env_var_name(value)
+
+
+class SamplingParams(Spec):
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, gt=0)
+    seed: int = 0
+    logprobs: int | None = Field(
+        None, ge=0, le=20,
+        description="return this many most likely tokens (with log-probabilities) for every "
+        "generated token, as vLLM's `logprobs` and OpenAI's `top_logprobs` do; judge steps set it",
+    )
+    json_schema: str | None = Field(
+        None,
+        description="constrain the answer to this JSON schema (vLLM guided decoding, OpenAI "
+        "response_format); a mapping in YAML. The transformers engine does not constrain: "
+        "parsers still check every answer",
+    )
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _json_schema(cls, value: Any) -> str | None:
+        # stored as canonical JSON text so sampling stays hashable (engines group by it)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON schema mapping")
+        return json.dumps(value, sort_keys=True)
+
+    def merged(self, overrides: SamplingOverrides | None) -> SamplingParams:
+        if overrides is None:
+            return self
+        # validated again: an override's json_schema mapping becomes canonical text
+        return SamplingParams.model_validate(
+            {**self.model_dump(), **overrides.model_dump(exclude_none=True)}
+        )
+
+
+class SamplingOverrides(Spec):
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, gt=0)
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    json_schema: str | dict[str, Any] | None = None
+
+
+class NormalizeSpec(Spec):
+    """How text is folded before it is compared."""
+
+    unicode: Literal["NFKC", "NFC", "none"] = "NFKC"
+    case: bool = Field(True, description="fold case")
+    whitespace: bool = Field(True, description="collapse runs of whitespace, trim the ends")
+
+
+class EngineSpec(Spec):
+    """What every engine kind's spec has; each kind declares its subclass beside its engine
+    (engines/<kind>_engine.py) and registers both there."""
+
+    # Every kind declares `kind` (a one-value Literal), `model`, `replicas`, `num_cpus`,
+    # `num_gpus` (a field or a property) and `sampling: SamplingParams`, in its own field order
+    # (the docs list them in that order), so none are declared here.
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) actors of the pool; equal for a fixed-size pool."""
+        replicas = getattr(self, "replicas", 1)
+        return (replicas, replicas) if isinstance(replicas, int) else (replicas[0], replicas[1])

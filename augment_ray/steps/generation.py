@@ -1,0 +1,212 @@
+"""What both ways of running an LLM task share (our engine pool: steps/llm.py; ray.data.llm:
+steps/ray_data_llm.py): the prompts of a batch's live rows, the parse of each answer with its
+retries' sampling, and the output rows with their lineage columns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import pyarrow as pa
+
+from augment_ray.config.base import SamplingParams
+from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from augment_ray.rows import (
+    ID,
+    ORIGIN_STEP,
+    REJECT_DETAIL,
+    REJECT_REASON,
+    REJECT_STEP,
+    SOURCE_ID,
+    derived_id,
+    live_mask,
+    reject_rows,
+    set_column,
+)
+from augment_ray.tasks.base import LLMTask, ParseFailure
+
+# a greedy retry would repeat the same answer: retries sample at least this warm
+RETRY_MIN_TEMPERATURE = 0.7
+
+
+def lineage_columns(step: str, generates_rows: bool = False) -> dict[str, pa.DataType]:
+    columns = {
+        f"{step}_engine": pa.string(),
+        f"{step}_model": pa.string(),
+        f"{step}_template": pa.string(),
+        f"{step}_sampling": pa.string(),
+        f"{step}_prompt_tokens": pa.int32(),
+        f"{step}_completion_tokens": pa.int32(),
+        f"{step}_finish_reason": pa.string(),
+        f"{step}_attempts": pa.int32(),
+    }
+    if generates_rows:
+        columns[f"{step}_parent_id"] = pa.string()
+    return columns
+
+
+@dataclass
+class RunOptions:
+    """Per-step behaviour of the runner, besides the task itself."""
+
+    max_retries: int = 2
+    reject_truncated: bool = False
+    keep_seeds: bool = True
+
+
+@dataclass
+class Generation:
+    """One prompt of one row, and what became of it."""
+
+    row: int
+    index: int  # k-th prompt of the row (expand asks n times)
+    messages: Messages
+    attempts: int = 0
+    completion: Completion | None = None
+    values: dict[str, str] | None = None
+    failure: tuple[str, str] | None = None
+
+
+class GenerationRows:
+    """Turns answered generations into output rows: the one place that knows the lineage
+    columns, how an annotating task fills its row, and how a generating task makes new rows.
+    Both ways of running a step (our engine pool, ray.data.llm) use it."""
+
+    def __init__(self, step: str, engine_name: str, model_name: str, task: LLMTask,
+                 sampling: SamplingParams) -> None:
+        self.step = step
+        self.engine_name = engine_name
+        self.model_name = model_name
+        self.task = task
+        self.sampling = sampling
+
+    def sampling_for(self, attempt: int) -> SamplingParams:
+        if attempt == 0:
+            return self.sampling
+        return self.sampling.model_copy(update={
+            "seed": self.sampling.seed + attempt,
+            "temperature": max(self.sampling.temperature, RETRY_MIN_TEMPERATURE),
+        })
+
+    @cache  # noqa: B019 - one instance per actor; a handful of attempts
+    def _sampling_json(self, attempt: int) -> str:
+        return json.dumps(self.sampling_for(attempt).model_dump(), sort_keys=True)
+
+    def parse(self, row: dict, generation: Generation, result: Completion | GenerationFailure,
+              reject_truncated: bool) -> bool:
+        """Record `result` on `generation`; True when the answer could not be parsed."""
+        if isinstance(result, GenerationFailure):
+            generation.failure = (result.reason, result.detail)
+            return False
+        generation.completion = result
+        if result.finish_reason == "length" and reject_truncated:
+            generation.failure = ("truncated", result.text[:500])
+            return False
+        try:
+            generation.values = self.task.parse(row, result.text)
+            generation.failure = None
+        except ParseFailure as failure:
+            generation.failure = (failure.reason, failure.detail or result.text[:500])
+            return True
+        except Exception as error:  # a parser bug rejects the row, not the run
+            generation.failure = ("parse_error", f"{type(error).__name__}: {error}"[:500])
+        return False
+
+    def lineage(self, generation: Generation) -> dict[str, Any]:
+        completion = generation.completion
+        return {
+            f"{self.step}_engine": self.engine_name,
+            f"{self.step}_model": self.model_name,
+            f"{self.step}_template": self.task.template_version,
+            f"{self.step}_sampling": self._sampling_json(generation.attempts - 1),
+            f"{self.step}_prompt_tokens": completion.prompt_tokens if completion else None,
+            f"{self.step}_completion_tokens": completion.completion_tokens if completion else None,
+            f"{self.step}_finish_reason": completion.finish_reason if completion else None,
+            f"{self.step}_attempts": generation.attempts,
+        }
+
+    def annotated(self, table: pa.Table, generations: list[Generation],
+                  unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
+        """`table` with the task's columns filled from each row's generation."""
+        n = len(table)
+        # rows the step did not answer keep what they had (a response it did not replace)
+        columns: dict[str, list[Any]] = {
+            name: table[name].to_pylist() if name in table.column_names else [None] * n
+            for name in [*self.task.output_columns, *lineage_columns(self.step)]
+        }
+        failures = dict(unpromptable)
+        for generation in generations:
+            for name, value in self.lineage(generation).items():
+                columns[name][generation.row] = value
+            if generation.failure:
+                failures[generation.row] = generation.failure
+            else:
+                for name, value in (generation.values or {}).items():
+                    columns[name][generation.row] = value
+        kinds = {**dict.fromkeys(self.task.output_columns, pa.string()),
+                 **lineage_columns(self.step)}
+        for name, values in columns.items():
+            table = set_column(table, name, pa.array(values, kinds[name]))
+        return reject_rows(table, self.step, failures)
+
+    def with_new_columns(self, table: pa.Table) -> pa.Table:
+        new_kinds = {**dict.fromkeys(self.task.output_columns, pa.string()),
+                     **lineage_columns(self.step, generates_rows=True)}
+        for name, kind in new_kinds.items():
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), kind))
+        return table
+
+    def with_new_rows(self, seeds: pa.Table, rows: dict[int, dict],
+                      generations: list[Generation]) -> pa.Table:
+        """`seeds` (already given the new columns) plus one new row per generation; a
+        generation's `row` is its seed's key in `rows`."""
+        blank = dict.fromkeys(seeds.column_names)
+        created = []
+        for generation in generations:
+            seed = rows[generation.row]
+            row = {
+                **blank,
+                **self.lineage(generation),
+                **(generation.values or {}),
+                ID: derived_id(seed[ID], self.step, generation.index),
+                SOURCE_ID: seed[SOURCE_ID],
+                ORIGIN_STEP: self.step,
+                f"{self.step}_parent_id": seed[ID],
+            }
+            if generation.failure:
+                row[REJECT_STEP] = self.step
+                row[REJECT_REASON], row[REJECT_DETAIL] = generation.failure
+            created.append(row)
+        if not created:
+            return seeds
+        return pa.concat_tables([seeds, pa.Table.from_pylist(created, schema=seeds.schema)])
+
+
+def prompt_rows(task: LLMTask, rows: dict[int, dict]
+                ) -> tuple[list[Generation], dict[int, tuple[str, str]]]:
+    """The generations to run for live `rows`, and the rows that cannot be prompted."""
+    if hasattr(task, "with_batch"):  # tasks that show other rows as examples
+        task.with_batch(list(rows.values()))
+    generations: list[Generation] = []
+    unpromptable: dict[int, tuple[str, str]] = {}
+    for index, row in rows.items():
+        try:
+            prompts = task.prompts(row)
+        except ParseFailure as failure:  # the row cannot be turned into a prompt
+            unpromptable[index] = (failure.reason, failure.detail)
+            continue
+        except Exception as error:  # a prompt bug rejects the row, not the run
+            unpromptable[index] = ("prompt_error", f"{type(error).__name__}: {error}"[:500])
+            continue
+        generations += [Generation(index, k, m) for k, m in enumerate(prompts)]
+    return generations, unpromptable
+
+
+def live_rows(table: pa.Table) -> dict[int, dict]:
+    live = live_mask(table).to_pylist()
+    indices = [i for i, alive in enumerate(live) if alive]
+    return dict(zip(indices, table.take(indices).to_pylist(), strict=True)) if indices else {}
