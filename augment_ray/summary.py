@@ -82,10 +82,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             line += f"  created {step['rows_created']}"
         if "completion_tokens" in step:
             line += f"  tokens {step['prompt_tokens']} prompt / {step['completion_tokens']} gen"
-        if step.get("threshold") is not None:
-            line += f"  threshold {step['threshold']:.4f} ({step['threshold_from']}"
-            tied = step.get("rows_at_threshold", 0)
-            line += f", {tied} rows at it, kept)" if tied > 1 else ")"
+        if step.get("note"):
+            line += f"  {step['note']}"
         lines.append(line)
         for reason, count in step["rejected"].items():
             lines.append(f"      rejected {count:>6}  {reason}")

@@ -61,7 +61,14 @@ class Threshold:
     def describe(self) -> dict[str, Any]:
         return {"threshold": None if self.value is None else round(self.value, 6),
                 "threshold_from": self.how, "scored_rows": self.rows,
-                "rows_at_threshold": self.tied}
+                "rows_at_threshold": self.tied, "note": self.note()}
+
+    def note(self) -> str:
+        """The summary line's words on the threshold."""
+        if self.value is None:
+            return f"no threshold ({self.how})"
+        tied = f", {self.tied} rows at it, kept" if self.tied > 1 else ""
+        return f"threshold {self.value:.4f} ({self.how}{tied})"
 
 
 def _confidence(batch: pa.Table, column: str, step: str) -> pa.ChunkedArray:

@@ -44,11 +44,6 @@ class Step(ABC):
         """The step for one entry of the job's `steps` (most kinds need only their spec)."""
         return cls(spec)
 
-    @classmethod
-    def summary_text(cls, entry: dict[str, Any]) -> str:
-        """What the printed summary adds to this kind's line, from its summary entry."""
-        return ""
-
     @abstractmethod
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
 
@@ -78,5 +73,6 @@ class Step(ABC):
         return {"journal": self.journal(role), "max_restarts": restarts}
 
     def describe(self) -> dict[str, Any]:
-        """What the run summary says about this step besides its counts."""
+        """What the run summary says about this step besides its counts. A `note` entry (a few
+        words: a threshold, what was skipped) is printed on the step's summary line."""
         return {"name": self.name, "kind": self.kind}

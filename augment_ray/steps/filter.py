@@ -150,4 +150,7 @@ class FilterStep(Step):
 
     def describe(self) -> dict[str, Any]:
         rules = list(enabled_rules(self.spec, with_response=self.response_rules))
-        return {**super().describe(), "rules": rules, "response_rules": self.response_note}
+        described = {**super().describe(), "rules": rules, "response_rules": self.response_note}
+        if not self.response_rules:
+            described["note"] = "response rules skipped (no output column)"
+        return described
