@@ -37,14 +37,17 @@ class StorageOptions(Spec):
     endpoint: str | None = Field(
         None, description="e.g. http://127.0.0.1:9000 or oss-cn-hangzhou.aliyuncs.com"
     )
-    region: str | None = None
+    region: str | None = Field(None, description="e.g. us-west-2, cn-hangzhou")
     addressing: Literal["auto", "path", "virtual"] = Field(
         "auto", description="auto: virtual-hosted for oss://, path-style otherwise"
     )
-    access_key_id_env: str | None = None
-    secret_access_key_env: str | None = None
-    session_token_env: str | None = None
-    anonymous: bool = False
+    access_key_id_env: str | None = Field(
+        None, description="NAME of the env var holding the access key id")
+    secret_access_key_env: str | None = Field(
+        None, description="NAME of the env var holding the secret key")
+    session_token_env: str | None = Field(
+        None, description="NAME of the env var holding a session token")
+    anonymous: bool = Field(False, description="unsigned requests (public buckets)")
 
     @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
     @classmethod
@@ -54,9 +57,9 @@ class StorageOptions(Spec):
 
 class SamplingParams(Spec):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(256, gt=0)
-    seed: int = 0
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_tokens: int = Field(256, gt=0, description="most tokens generated per answer")
+    seed: int = Field(0, description="sampling seed; each request derives its own from it")
     logprobs: int | None = Field(
         None, ge=0, le=20,
         description="return this many most likely tokens (with log-probabilities) for every "
@@ -91,18 +94,22 @@ class SamplingParams(Spec):
 
 
 class SamplingOverrides(Spec):
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, gt=0)
-    seed: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
-    json_schema: str | dict[str, Any] | None = None
+    """A step's changes to its engine's sampling; unset fields keep the engine's value."""
+
+    temperature: float | None = Field(None, ge=0.0, description="see the engine's sampling")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="see the engine's sampling")
+    max_tokens: int | None = Field(None, gt=0, description="see the engine's sampling")
+    seed: int | None = Field(None, description="see the engine's sampling")
+    logprobs: int | None = Field(None, ge=0, le=20, description="see the engine's sampling")
+    json_schema: str | dict[str, Any] | None = Field(
+        None, description="see the engine's sampling")
 
 
 class NormalizeSpec(Spec):
     """How text is folded before it is compared."""
 
-    unicode: Literal["NFKC", "NFC", "none"] = "NFKC"
+    unicode: Literal["NFKC", "NFC", "none"] = Field(
+        "NFKC", description="Unicode normalization form applied first")
     case: bool = Field(True, description="fold case")
     whitespace: bool = Field(True, description="collapse runs of whitespace, trim the ends")
 
@@ -114,6 +121,11 @@ class EngineSpec(Spec):
     # Every kind declares `kind` (a one-value Literal), `model`, `replicas`, `num_cpus`,
     # `num_gpus` (a field or a property) and `sampling: SamplingParams`, in its own field order
     # (the docs list them in that order), so none are declared here.
+
+    @property
+    def uses_ray_data_llm(self) -> bool:
+        """Whether single-call steps stream through ray.data.llm's processor (vllm only)."""
+        return False
 
     @property
     def replica_range(self) -> tuple[int, int]:

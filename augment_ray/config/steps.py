@@ -43,7 +43,8 @@ class EngineStepSpec(StepSpec):
     engine_fields: ClassVar[tuple[str, ...]] = ("engine",)
 
     engine: str = Field(description="name of an entry in `engines`")
-    sampling: SamplingOverrides | None = None
+    sampling: SamplingOverrides | None = Field(
+        None, description="changes to the engine's sampling for this step")
 
 
 class LLMStepSpec(EngineStepSpec):

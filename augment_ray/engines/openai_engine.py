@@ -52,7 +52,7 @@ class OpenAIEngineSpec(EngineSpec):
     max_concurrency: int = Field(8, gt=0, description="requests in flight per actor")
     max_retries: int = Field(5, ge=0, description="retries of a request on 429/5xx/timeouts")
     backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each retry")
-    max_backoff_s: float = Field(30.0, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0, description="longest retry delay")
     timeout_s: float = Field(120.0, gt=0, description="per request")
     replicas: int = Field(1, gt=0, description="actors sending requests")
     batch_size: int = Field(32, gt=0, description="rows per actor call")
@@ -62,7 +62,8 @@ class OpenAIEngineSpec(EngineSpec):
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="provider-specific request fields, sent as given"
     )
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = Field(
+        default_factory=SamplingParams, description="default sampling of the steps using it")
 
     @field_validator("base_url")
     @classmethod

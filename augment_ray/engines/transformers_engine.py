@@ -36,16 +36,18 @@ class TransformersEngineSpec(EngineSpec):
         description="most padded prompt tokens in one batch: long prompts go in smaller batches",
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each actor")
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU)")
     threads: int | None = Field(
         None, gt=0, description="torch threads per actor; default: max(num_cpus, 2) on CPU"
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="weights and activations")
     max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts are rejected")
     cache_dir: str | None = Field(
         None, description="where converted GGUF models are cached; default ~/.cache/augment_ray"
     )
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = Field(
+        default_factory=SamplingParams, description="default sampling of the steps using it")
 
 
 @engine_kind(TransformersEngineSpec)

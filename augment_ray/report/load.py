@@ -30,8 +30,6 @@ SAMPLE_LIMIT = 20_000
 SEED = 0
 INSTRUCTION = "instruction"
 OUTPUT = "output"
-LABEL_COLUMNS = ("task_category", "language")  # classify_task's default columns
-DEDUP_KINDS = ("dedup_exact", "dedup_near")
 _KEY = "__sample_key"
 _DUPLICATE_OF = re.compile(r"^duplicate of (\S+)$")
 
@@ -138,27 +136,22 @@ def _read(shard: Location, columns: list[str]) -> pa.Table:
 
 
 def find_columns(summary: dict[str, Any], names: set[str]) -> Columns:
+    """The columns each section reads, from what the steps said of themselves in the summary
+    (Step.describe): `rewrites_instruction`, `label_columns`, `duplicate_column`."""
     steps = summary.get("steps", [])
-    refine_step = next((s["name"] for s in steps if s.get("kind") == "refine"), None)
-    refine_column = None
-    if refine_step is not None:
-        # the summary does not name refine's output_column: its default, else another
-        # *_instruction column no other step owns
-        candidates = ["refined_instruction", *sorted(
-            n for n in names if n.endswith("instruction") and n != INSTRUCTION
-            and not any(n.startswith(f"{s['name']}_") for s in steps))]
-        refine_column = next((c for c in candidates if c in names), None)
+    refine = next((s for s in steps if s.get("rewrites_instruction") in names), None)
+    refine_column = refine["rewrites_instruction"] if refine else None
     scores = sorted(n for n in names if n.endswith("_confidence") or n.startswith("score_"))
-    by = [c for s in steps if s.get("kind") == "resample" for c in s.get("by", [])]
-    labels = [c for c in dict.fromkeys([*LABEL_COLUMNS, *by]) if c in names]
+    labels = [c for c in dict.fromkeys(c for s in steps for c in s.get("label_columns", []))
+              if c in names]
     return Columns(
         instruction_after=refine_column or INSTRUCTION,
         refine_column=refine_column,
-        refine_step=refine_step if refine_column else None,
+        refine_step=refine["name"] if refine else None,
         scores=scores,
         labels=labels,
         generating=[s["name"] for s in steps if f"{s['name']}_parent_id" in names],
-        dedup=[s["name"] for s in steps if s.get("kind") in DEDUP_KINDS],
+        dedup=[s["name"] for s in steps if s.get("duplicate_column") in names],
     )
 
 

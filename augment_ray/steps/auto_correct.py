@@ -88,14 +88,15 @@ class AutoCorrectStepSpec(ConfidenceThresholdSpec):
         None, description="sampling of the candidate responses"
     )
     eta: float = Field(0.8, ge=0.0, le=1.0, description="confidence needed to replace")
-    instruction_column: str = "instruction"
-    response_column: str = "output"
+    instruction_column: str = Field("instruction", description="the question being answered")
+    response_column: str = Field("output", description="the response judged and corrected")
     both_orders: bool = Field(
         True,
         description="ask the comparison with the candidate second and again with it first, "
         "and average (cancels the judge's position bias; twice the judge passes)",
     )
-    top_logprobs: int = Field(20, gt=0, le=20)
+    top_logprobs: int = Field(
+        20, gt=0, le=20, description="alternatives read per token for the judge's P(better)")
 
 
 class CorrectRunner(EngineActor):

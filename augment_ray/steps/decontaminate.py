@@ -54,7 +54,8 @@ class EvalSetSpec(Spec):
         None, description="column whose value names an eval row in reject details; "
         "default: the row's 0-based position in the set (files in sorted order)"
     )
-    storage: StorageOptions = Field(default_factory=StorageOptions)
+    storage: StorageOptions = Field(
+        default_factory=StorageOptions, description="object-store options for `uri`")
 
     @property
     def label(self) -> str:

@@ -241,7 +241,8 @@ class DedupExactStepSpec(TextColumnsSpec):
     The keeper of each group is the row with the lowest id. A barrier."""
 
     kind: Literal["dedup_exact"]
-    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    normalize: NormalizeSpec = Field(
+        default_factory=NormalizeSpec, description="how text is folded before it is compared")
 
 
 class DedupNearStepSpec(TextColumnsSpec):
@@ -250,7 +251,8 @@ class DedupNearStepSpec(TextColumnsSpec):
     with the lowest id of each cluster is kept. A barrier."""
 
     kind: Literal["dedup_near"]
-    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    normalize: NormalizeSpec = Field(
+        default_factory=NormalizeSpec, description="how text is folded before it is compared")
     shingle: Literal["char", "word"] = Field(
         "char", description="shingles are n-grams of characters or of whitespace-split words"
     )
@@ -314,7 +316,9 @@ class DedupStep(Step):
         return ray.data.from_arrow_refs(marked)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), **self.stats}
+        # the report shows the duplicate clusters from this column
+        return {**super().describe(), "duplicate_column": self.output_columns()[0],
+                **self.stats}
 
 
 @step_kind(DedupExactStepSpec)

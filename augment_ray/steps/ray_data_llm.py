@@ -31,6 +31,7 @@ from augment_ray.engines.base import (
 )
 from augment_ray.engines.model_files import model_display_name
 from augment_ray.engines.vllm_engine import (
+    CPU_STAGE_CPUS,
     VllmEngineSpec,
     lora_root_and_name,
     vllm_engine_kwargs,
@@ -53,7 +54,6 @@ DETAIL = "_ar_detail"
 KEY = "_ar_key"  # the request's journal key
 PASS_MARK = "augment_ray: not a request"
 ERROR = "__inference_error__"
-CPU_STAGE_CPUS = 0.1
 
 
 def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | None = None
@@ -198,11 +198,6 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str,
 def _column(table: pa.Table, name: str) -> list[Any]:
     # a block where every row passed through has none of the processor's output columns
     return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
-
-
-def processor_cpus(spec: VllmEngineSpec) -> float:
-    """The engines' CPUs plus the processor's chat-template stage, at their largest."""
-    return spec.replica_range[1] * (spec.num_cpus + CPU_STAGE_CPUS)
 
 
 def processor_config(spec: VllmEngineSpec) -> Any:

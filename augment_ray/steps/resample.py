@@ -108,7 +108,7 @@ class ResampleStepSpec(StepSpec):
         description="ratio per group key ('math' or 'math/en' with two `by` columns); "
         "omitted: balanced over the groups present; unlisted groups are left as they are",
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the draw")
 
     @field_validator("targets")
     @classmethod
@@ -152,6 +152,7 @@ class ResampleStep(Step):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "by": self.by, "targets": self.targets,
+        return {**super().describe(), "by": self.by, "label_columns": self.by,
+                "targets": self.targets,
                 "seed": self.seed, "group_counts": dict(self.counts),
                 "factors": {g: round(f, 4) for g, f in self.factors.items()}}

@@ -110,7 +110,7 @@ class ScoreStepSpec(EngineStepSpec):
     judge_max_tokens: int = Field(
         8, gt=0, description="tokens for an A/B/C self-reflection answer"
     )
-    rubric_max_tokens: int = Field(48, gt=0)
+    rubric_max_tokens: int = Field(48, gt=0, description="tokens for a rubric JSON answer")
 
     @field_validator("methods")
     @classmethod

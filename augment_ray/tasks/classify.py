@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from pydantic import Field
+
 from augment_ray.config.base import SamplingParams
 from augment_ray.config.steps import LLMStepSpec
 from augment_ray.kinds import step_kind
@@ -78,8 +80,8 @@ class ClassifyTaskStepSpec(LLMStepSpec):
     language (en/zh, from the script)."""
 
     kind: Literal["classify_task"]
-    category_column: str = "task_category"
-    language_column: str = "language"
+    category_column: str = Field("task_category", description="column for the task category")
+    language_column: str = Field("language", description="column for the language (en/zh)")
 
 
 @step_kind(ClassifyTaskStepSpec)
@@ -87,3 +89,8 @@ class ClassifyTaskStep(LLMStep):
     @classmethod
     def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> ClassifyTask:
         return ClassifyTask(spec.category_column, spec.language_column)
+
+    def describe(self) -> dict[str, Any]:
+        # the report charts the label mix of these columns
+        return {**super().describe(),
+                "label_columns": [self.task.category_column, self.task.language_column]}

@@ -105,7 +105,8 @@ class PairExpandStepSpec(PAIStepSpec):
     kind: Literal["pair_expand"]
     k: int = Field(3, gt=0, le=16, description="seed pairs shown per prompt")
     n: int = Field(1, gt=0, le=64, description="new pairs per seed row")
-    keep_seeds: bool = True
+    keep_seeds: bool = Field(
+        True, description="false: seed rows go to _rejects (reason seed_not_kept)")
 
 
 @step_kind(PairExpandStepSpec)

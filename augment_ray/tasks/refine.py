@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from pydantic import Field
+
 from augment_ray.config.base import SamplingParams
 from augment_ray.config.steps import PAIStepSpec
 from augment_ray.kinds import step_kind
@@ -48,7 +50,8 @@ class RefineStepSpec(PAIStepSpec):
     """Instruction refinement: rewrite each instruction so a model answers it more helpfully."""
 
     kind: Literal["refine"]
-    output_column: str = "refined_instruction"
+    output_column: str = Field(
+        "refined_instruction", description="column for the rewritten instruction")
 
 
 @step_kind(RefineStepSpec)
@@ -57,3 +60,7 @@ class RefineStep(LLMStep):
     def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> RefineTask:
         model = job.engines[spec.engine].model
         return RefineTask(spec.is_native(model, is_native_refine_model), spec.output_column)
+
+    def describe(self) -> dict[str, Any]:
+        # the report shows seed vs rewritten instruction from this column
+        return {**super().describe(), "rewrites_instruction": self.task.output_column}

@@ -46,7 +46,8 @@ class RespondStepSpec(LLMStepSpec):
     instruction_column: str = Field(
         "instruction", description="e.g. refined_instruction after a refine step"
     )
-    reject_truncated: bool = True
+    reject_truncated: bool = Field(
+        True, description="reject responses cut off by max_tokens instead of keeping them")
 
 
 @step_kind(RespondStepSpec)
