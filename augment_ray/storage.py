@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -52,6 +53,27 @@ def _env(name: str, field_name: str) -> str:
     return value
 
 
+FileSystemFactory = Callable[[str, StorageOptions], pafs.FileSystem]
+# URI scheme -> the function that builds its filesystem; a new scheme is one decorated function
+FILESYSTEMS: dict[str, FileSystemFactory] = {}
+
+
+def filesystem(*schemes: str) -> Callable[[FileSystemFactory], FileSystemFactory]:
+    """Registers a factory(scheme, options) -> pyarrow filesystem for URIs of `schemes`."""
+    def register(factory: FileSystemFactory) -> FileSystemFactory:
+        for scheme in schemes:
+            FILESYSTEMS[scheme] = factory
+        return factory
+
+    return register
+
+
+@filesystem("file")
+def local_filesystem(scheme: str, options: StorageOptions) -> pafs.LocalFileSystem:
+    return pafs.LocalFileSystem()
+
+
+@filesystem("s3", "oss")
 def s3_filesystem(scheme: str, options: StorageOptions) -> pafs.S3FileSystem:
     kwargs: dict = {}
     endpoint = options.endpoint
@@ -129,13 +151,13 @@ class Location:
 
     @cached_property
     def fs(self) -> pafs.FileSystem:
-        if self.is_local:
-            return pafs.LocalFileSystem()
-        if self.scheme in ("s3", "oss"):
-            return s3_filesystem(self.scheme, self.options)
-        raise StorageError(
-            f"{self.uri}: unsupported scheme {self.scheme}:// (use a local path, s3:// or oss://)."
-        )
+        factory = FILESYSTEMS.get(self.scheme)
+        if factory is None:
+            known = ", ".join(f"{s}://" for s in sorted(FILESYSTEMS) if s != "file")
+            raise StorageError(
+                f"{self.uri}: unsupported scheme {self.scheme}:// (use a local path or {known})."
+            )
+        return factory(self.scheme, self.options)
 
     def join(self, *parts: str) -> Location:
         base = self.uri.rstrip("/")

@@ -362,3 +362,10 @@ def test_job_rejects_a_literal_secret_key_field():
     with pytest.raises(JobSpecError, match="secrets belong in env vars") as error:
         parse_job(job({"secret_access_key": "abc/def+ghi"}))
     assert "abc/def+ghi" not in str(error.value)
+
+
+def test_a_scheme_without_a_registered_filesystem_is_named_with_the_known_ones():
+    with pytest.raises(StorageError, match=r"unsupported scheme gs:// \(use a local path or "
+                                           r"oss://, s3://\)"):
+        _ = location("gs://bucket/data", None).fs
+    assert isinstance(location("/tmp/x", None).fs, pafs.LocalFileSystem)
