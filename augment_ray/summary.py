@@ -82,7 +82,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             line += f"  created {step['rows_created']}"
         if "completion_tokens" in step:
             line += f"  tokens {step['prompt_tokens']} prompt / {step['completion_tokens']} gen"
-        if step.get("threshold") is not None:
+        # a dataset threshold (auto_filter, auto_correct) says where it came from; other steps'
+        # `threshold` (dedup_near, decontaminate) is a setting, not a result: not printed here
+        if step.get("threshold") is not None and "threshold_from" in step:
             line += f"  threshold {step['threshold']:.4f} ({step['threshold_from']}"
             tied = step.get("rows_at_threshold", 0)
             line += f", {tied} rows at it, kept)" if tied > 1 else ")"
