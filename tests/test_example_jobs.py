@@ -213,6 +213,9 @@ def check_kind_text(kind: str, entry: dict[str, Any], rest: str) -> None:
             in rest, (kind, rest)
     else:
         assert "tokens" not in rest, (kind, rest)
+    # a step's own words (Step.describe()'s `note`) end its line, and only then
+    if entry.get("note"):
+        assert rest.endswith(f"  {entry['note']}"), (kind, rest)
     if "threshold_from" in entry and entry.get("threshold") is not None:
         # auto_filter and auto_correct: the dataset threshold and where it came from
         assert f"  threshold {entry['threshold']:.4f} ({entry['threshold_from']}" in rest, rest
