@@ -1,19 +1,32 @@
-"""Progress of a running job: rows done per step, tokens/s and ETA, logged by the driver.
+"""Progress of a running job: rows done per step, tokens/s and ETA, shown by the driver.
 
 After every step the pipeline adds a light map that tells a `ProgressBoard` actor how many input
 rows (rows that came from the input, not rows a step created) have passed the step and how many
-tokens the step generated. A thread on the driver reads the board every few seconds and logs one
-line; the driver's log is what the terminal shows and what `ray job logs` returns.
+tokens the step generated: the exact counts. While an engine-pool call runs (128 rows of a
+small CPU model take minutes), the runner also tells the board after every engine sub-batch how
+far the call has got (`CallProgress`): provisional counts that the board drops once the call's
+rows are counted after the step, so nothing is counted twice.
+
+A thread on the driver reads the board and shows it: in a terminal, one line per step redrawn
+in place every second (`LiveBlock`, other output scrolls above it); elsewhere (`ray job logs`,
+CI, a pipe) one log line every AUGMENT_RAY_PROGRESS_SECONDS. Ray Data's own progress bars and
+per-dataset INFO logs stay off the terminal (`quiet_ray_data`) unless AUGMENT_RAY_RAY_PROGRESS=1
+(`augment-ray run --debug` sets it); they are still written to Ray Data's log file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,6 +38,8 @@ log = logging.getLogger("augment_ray.progress")
 
 INTERVAL_ENV = "AUGMENT_RAY_PROGRESS_SECONDS"
 DEFAULT_INTERVAL_S = 15.0
+LIVE_INTERVAL_S = 1.0  # how often the terminal's lines are redrawn
+RAY_PROGRESS_ENV = "AUGMENT_RAY_RAY_PROGRESS"  # 1: Ray Data's own progress bars and logs too
 
 
 @dataclass
@@ -35,10 +50,16 @@ class StepProgress:
     last_seen: float = 0.0
 
 
-@ray.remote(num_cpus=0)
-class ProgressBoard:
+class Board:
+    """Exact counts (`add`, after each step) plus, per step, the provisional counts of engine
+    calls still running and of calls finished but not yet counted after the step."""
+
     def __init__(self) -> None:
         self.steps: dict[str, StepProgress] = {}
+        self.running: dict[str, dict[str, tuple[int, int]]] = {}  # step -> call -> rows, tokens
+        # rows, tokens of finished calls minus what the after-step count has added since (it
+        # can run before the call's finish arrives: the balance may dip below zero meanwhile)
+        self.pending: dict[str, list[int]] = {}
 
     def add(self, step: str, rows: int, tokens: int) -> None:
         now = time.time()
@@ -46,23 +67,165 @@ class ProgressBoard:
         entry.rows += rows
         entry.tokens += tokens
         entry.last_seen = now
+        pending = self.pending.setdefault(step, [0, 0])
+        pending[0] -= rows
+        pending[1] -= tokens
+
+    def call_running(self, step: str, call: str, rows: int, tokens: int) -> None:
+        self.running.setdefault(step, {})[call] = (rows, tokens)
+
+    def call_finished(self, step: str, call: str, rows: int, tokens: int) -> None:
+        self.running.get(step, {}).pop(call, None)
+        pending = self.pending.setdefault(step, [0, 0])
+        pending[0] += rows
+        pending[1] += tokens
+
+    def call_dropped(self, step: str, call: str) -> None:  # the call raised; it is retried
+        self.running.get(step, {}).pop(call, None)
 
     def snapshot(self) -> dict[str, StepProgress]:
+        """The exact counts."""
         return dict(self.steps)
+
+    def live(self) -> dict[str, StepProgress]:
+        """The exact counts plus what running engine calls have done so far."""
+        return live_counts(self.steps, self.running, self.pending)
+
+
+ProgressBoard = ray.remote(num_cpus=0)(Board)  # one actor per run
+
+
+def live_counts(steps: dict[str, StepProgress], running: dict[str, dict[str, tuple[int, int]]],
+                pending: dict[str, list[int]]) -> dict[str, StepProgress]:
+    merged = {}
+    for name in {*steps, *running}:
+        exact = steps.get(name, StepProgress())
+        calls = running.get(name, {}).values()
+        owed_rows, owed_tokens = pending.get(name, [0, 0])
+        merged[name] = StepProgress(
+            rows=exact.rows + max(0, owed_rows + sum(rows for rows, _ in calls)),
+            tokens=exact.tokens + max(0, owed_tokens + sum(tokens for _, tokens in calls)),
+            first_seen=exact.first_seen, last_seen=exact.last_seen,
+        )
+    return merged
+
+
+_RUN_BOARD: Any = None
+
+
+@contextlib.contextmanager
+def board_of_run(board: Any) -> Iterator[None]:
+    """While a run's steps are built (on the driver), `current_board()` is its board."""
+    global _RUN_BOARD
+    _RUN_BOARD = board
+    try:
+        yield
+    finally:
+        _RUN_BOARD = None
+
+
+def current_board() -> Any:
+    return _RUN_BOARD
+
+
+def input_rows(batch: pa.Table) -> int:
+    """Rows of `batch` that came from the input (not rows a step created)."""
+    if ORIGIN_STEP in batch.column_names and len(batch):
+        return int(pc.sum(pc.equal(batch[ORIGIN_STEP], INPUT_STEP)).as_py() or 0)
+    return len(batch)
 
 
 def count_progress(batch: pa.Table, step: str, board: Any) -> pa.Table:
     """Ray Data UDF after a step: report the batch to the board, pass it on unchanged."""
-    rows = len(batch)
-    if ORIGIN_STEP in batch.column_names and rows:
-        rows = int(pc.sum(pc.equal(batch[ORIGIN_STEP], INPUT_STEP)).as_py() or 0)
     tokens = 0
     column = f"{step}_completion_tokens"
     if column in batch.column_names and len(batch):
         tokens = int(pc.sum(batch[column]).as_py() or 0)
-    board.add.remote(step, rows, tokens)  # fire and forget: progress must not slow the run
+    board.add.remote(step, input_rows(batch), tokens)  # fire and forget: never slows the run
     return batch
 
+
+class CallProgress:
+    """One engine-pool call (a batch of `rows` input rows, `prompts` first-attempt prompts) as
+    it runs. The engine calls it after each generated sub-batch with (prompts finished,
+    completion tokens); it tells the board the share of the call's rows done so far. Fire and
+    forget, and it never raises: progress must not slow or break the run."""
+
+    def __init__(self, board: Any, step: str, rows: int, prompts: int) -> None:
+        self.board = board
+        self.step = step
+        self.rows = rows
+        self.prompts = prompts
+        self.key = uuid.uuid4().hex
+        self.prompts_done = 0
+        self.tokens = 0
+
+    def __call__(self, prompts: int, tokens: int) -> None:
+        self.prompts_done += prompts
+        self.tokens += tokens
+        if self.prompts:  # retries can finish more prompts than the call had: cap
+            rows = min(self.rows, self.rows * self.prompts_done // self.prompts)
+            self._tell("call_running", rows, self.tokens)
+
+    def finished(self, tokens: int) -> None:
+        """The call returns its rows; `tokens` are those its rows carry (the after-step count
+        will add the same)."""
+        self._tell("call_finished", self.rows, tokens)
+
+    def dropped(self) -> None:
+        self._tell("call_dropped")
+
+    def _tell(self, method: str, *args: int) -> None:
+        if self.board is None:
+            return
+        with contextlib.suppress(Exception):
+            getattr(self.board, method).remote(self.step, self.key, *args)
+
+
+# ---- Ray Data's own progress output ----------------------------------------------------------
+
+def ray_progress_wanted() -> bool:
+    return os.environ.get(RAY_PROGRESS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _ray_data_console_noise(record: logging.LogRecord) -> bool:
+    """Filter of Ray Data's console handler: its INFO lines (execution plans, 'Dataset ...
+    finished', progress blocks) and the note that progress bars are off stay in its log file."""
+    if record.levelno < logging.WARNING:
+        return False
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's progress bars / ten-second progress blocks and INFO logs off the
+    terminal (unless AUGMENT_RAY_RAY_PROGRESS=1): our progress replaces them. Their warnings
+    and errors still show."""
+    if ray_progress_wanted():
+        return
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # Ray Data's progress manager becomes a no-op
+    context.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        # Ray's console handler (PlainRayHandler), not its file handler nor anyone else's
+        if isinstance(handler, logging.StreamHandler) and \
+                type(handler).__module__.startswith("ray.") and \
+                _ray_data_console_noise not in handler.filters:
+            handler.addFilter(_ray_data_console_noise)
+
+
+def quiet_model_loading() -> None:
+    """In an engine actor: no 'Loading weights' progress bar per model load."""
+    if ray_progress_wanted():
+        return
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+# ---- what the driver shows -------------------------------------------------------------------
 
 def format_duration(seconds: float) -> str:
     whole = round(seconds)
@@ -73,6 +236,11 @@ def format_duration(seconds: float) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
+def _counts(entry: StepProgress | None, total: int | None) -> int:
+    done = entry.rows if entry else 0
+    return min(done, total) if total else done
+
+
 def progress_line(steps: list[str], snapshot: dict[str, StepProgress], total: int | None,
                   elapsed: float) -> str:
     """One line: per step input rows done (of the input's), tokens/s and ETA, all rates over
@@ -81,7 +249,7 @@ def progress_line(steps: list[str], snapshot: dict[str, StepProgress], total: in
     elapsed = max(elapsed, 1e-6)
     for name in steps:
         entry = snapshot.get(name)
-        done = entry.rows if entry else 0
+        done = _counts(entry, total)
         part = f"{name} {done:,}" + (f"/{total:,}" if total else "")
         if total:
             part += f" ({100 * done / total:.0f}%)"
@@ -93,23 +261,217 @@ def progress_line(steps: list[str], snapshot: dict[str, StepProgress], total: in
     return "progress: " + " | ".join(parts)
 
 
+BAR_WIDTH = 24
+
+
+def progress_rows(steps: list[str], snapshot: dict[str, StepProgress], total: int | None,
+                  elapsed: float, unicode: bool = True) -> list[str]:
+    """The terminal's lines, one per step: a bar, rows done/total, share, tokens/s, ETA."""
+    full, empty = ("█", "░") if unicode else ("#", "-")
+    elapsed = max(elapsed, 1e-6)
+    name_width = max(len(name) for name in steps) if steps else 0
+    rows = []
+    for name in steps:
+        entry = snapshot.get(name)
+        done = _counts(entry, total)
+        if total:
+            filled = BAR_WIDTH * done // total
+            row = (f"{name:<{name_width}}  {full * filled}{empty * (BAR_WIDTH - filled)} "
+                   f"{done:>{len(f'{total:,}')},}/{total:,} {100 * done / total:3.0f}%")
+        else:
+            row = f"{name:<{name_width}}  {done:,} rows"
+        if entry and entry.tokens:
+            row += f"  {entry.tokens / elapsed:.1f} tok/s"
+        if total and 0 < done < total:
+            row += f"  ETA {format_duration((total - done) * elapsed / done)}"
+        elif total and done >= total:
+            row += "  done"
+        rows.append(row)
+    if rows:
+        rows[-1] += f"  [{format_duration(elapsed)}]"
+    return rows
+
+
+UP, ERASE_DOWN = "\x1b[1A", "\x1b[J"
+
+
+class LiveBlock:
+    """Lines redrawn in place at the bottom of a terminal (ANSI cursor-up and erase). With
+    `redirect`, whatever else the process writes to the terminal meanwhile (our logs, Ray's
+    worker lines) goes through `write_above`: the block is erased, the text printed, the block
+    drawn again below it."""
+
+    def __init__(self, stream: TextIO, redirect: bool = False) -> None:
+        self.stream = stream
+        self.redirect = redirect
+        self.lines: list[str] = []
+        self._drawn = 0  # lines of the block on screen; the cursor is at the end of the last
+        self._midline = False  # text written above ended without a newline
+        self._lock = threading.RLock()
+        self._restore: list[Any] = []
+
+    @property
+    def unicode(self) -> bool:
+        return "utf" in (getattr(self.stream, "encoding", None) or "").lower()
+
+    def width(self) -> int:
+        try:
+            return shutil.get_terminal_size((100, 24)).columns
+        except (OSError, ValueError):
+            return 100
+
+    def __enter__(self) -> LiveBlock:
+        if self.redirect:
+            self._install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, lines: list[str]) -> None:
+        with self._lock:
+            self.lines = list(lines)
+            self._erase()
+            self._draw()
+            self.stream.flush()
+
+    def write_above(self, text: str, stream: TextIO | None = None) -> None:
+        target = stream or self.stream
+        with self._lock:
+            self._erase()
+            if target is not self.stream:
+                self.stream.flush()
+            target.write(text)
+            if text:
+                self._midline = not text.endswith("\n")
+            if not self._midline:
+                if target is not self.stream:
+                    target.flush()
+                self._draw()
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Leave the last lines on screen, the cursor on a new line below them."""
+        with self._lock:
+            if self._drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+            self._drawn = 0
+            self.lines = []
+            self._uninstall()
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self.stream.write("\r" + UP * (self._drawn - 1) + ERASE_DOWN)
+            self._drawn = 0
+
+    def _draw(self) -> None:
+        if not self.lines:
+            return
+        if self._midline:
+            self.stream.write("\n")
+            self._midline = False
+        width = max(self.width() - 1, 20)  # a wrapped line would break the cursor-up count
+        self.stream.write("\n".join(line[:width] for line in self.lines))
+        self._drawn = len(self.lines)
+
+    def _install(self) -> None:
+        """Route sys.stdout/sys.stderr (when they are this terminal) and the log handlers that
+        write to them through `write_above`."""
+        proxies = {}
+        for name in ("stderr", "stdout"):
+            real = getattr(sys, name)
+            if real is self.stream or (name == "stdout" and _isatty(real)):
+                proxy = _AboveBlock(self, real)
+                proxies[id(real)] = proxy
+                setattr(sys, name, proxy)
+                self._restore.append((sys, name, real))
+        loggers = [logging.getLogger(), *(logger for logger in
+                                          list(logging.Logger.manager.loggerDict.values())
+                                          if isinstance(logger, logging.Logger))]
+        for logger in loggers:
+            for handler in logger.handlers:
+                stream = getattr(handler, "stream", None)
+                if type(handler) is logging.StreamHandler and id(stream) in proxies:
+                    handler.setStream(proxies[id(stream)])
+                    self._restore.append((handler, None, stream))
+
+    def _uninstall(self) -> None:
+        while self._restore:
+            owner, name, original = self._restore.pop()
+            if name is None:
+                owner.setStream(original)
+            elif getattr(owner, name) is not original:
+                setattr(owner, name, original)
+
+
+class _AboveBlock:
+    """A stdout/stderr stand-in whose writes go above the live block."""
+
+    def __init__(self, block: LiveBlock, real: TextIO) -> None:
+        self._block = block
+        self._real = real
+
+    def write(self, text: str) -> int:
+        self._block.write_above(text, self._real)
+        return len(text)
+
+    def flush(self) -> None:
+        self._real.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def live_terminal(stream: Any) -> bool:
+    """Redraw lines in place: `stream` is a terminal that understands ANSI, and Ray Data's own
+    progress bars (which would draw over ours) are off."""
+    return _isatty(stream) and os.environ.get("TERM", "") != "dumb" and not ray_progress_wanted()
+
+
+def _get(ref: Any) -> Any:
+    return ray.get(ref, timeout=10) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _interval() -> float:
+    try:
+        return max(float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S)), 0.05)
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+
+
 @dataclass
 class ProgressLogger:
-    """Logs the board every `interval` seconds on a daemon thread while the run executes."""
+    """Shows the board while the run executes, on a daemon thread: redrawn lines every second
+    in a terminal, else a log line every `interval` seconds; a last one with the exact counts."""
 
     board: Any
     steps: list[str]
     total: int | None  # input rows, when known up front
     ledger: Any = None  # ReadLedger: gives the total once every file is read
     files: int = 0
-    interval: float = field(default_factory=lambda: float(
-        os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S)))
+    interval: float = field(default_factory=_interval)
+    stream: Any = None  # where live lines go; default sys.stderr
+    live: bool | None = None  # redraw in place; default: when `stream` is a terminal
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _block: LiveBlock | None = None
     _last: str = ""
     _started: float = field(default_factory=time.time)
 
     def __enter__(self) -> ProgressLogger:
+        stream = self.stream or sys.stderr
+        if self.live is None:
+            self.live = live_terminal(stream)
+        if self.live:
+            self._block = LiveBlock(stream, redirect=self.stream is None).__enter__()
         self._thread = threading.Thread(target=self._loop, name="augment-ray-progress",
                                         daemon=True)
         self._thread.start()
@@ -119,22 +481,33 @@ class ProgressLogger:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if exc[0] is None:
-            self.log_now()
+        try:
+            if exc[0] is None:
+                self.log_now(final=True)
+        finally:
+            if self._block is not None:
+                self._block.close()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = min(self.interval, LIVE_INTERVAL_S) if self.live else self.interval
+        while not self._stop.wait(wait):
             self.log_now()
 
-    def log_now(self) -> None:
-        try:
-            snapshot = ray.get(self.board.snapshot.remote(), timeout=10)
+    def log_now(self, final: bool = False) -> None:
+        try:  # the exact counts at the end; while running, with the engine calls' share
+            board = self.board.snapshot if final else self.board.live
+            snapshot = _get(board.remote())
             if self.total is None and self.ledger is not None:
-                rows, files = ray.get(self.ledger.totals.remote(), timeout=10)
+                rows, files = _get(self.ledger.totals.remote())
                 self.total = rows if files == self.files else None
         except Exception:  # the board is advisory: never let it break the run
             return
-        line = progress_line(self.steps, snapshot, self.total, time.time() - self._started)
+        elapsed = time.time() - self._started
+        if self._block is not None:
+            self._block.update(progress_rows(self.steps, snapshot, self.total, elapsed,
+                                             self._block.unicode))
+            return
+        line = progress_line(self.steps, snapshot, self.total, elapsed)
         if line != self._last:
             log.info(line)
             self._last = line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from augment_ray.config import SamplingParams, TransformersEngineSpec
 from augment_ray.engines.base import Completion, GenerationFailure, Messages
@@ -17,6 +18,8 @@ END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
 
 
 class TransformersEngine:
+    reports_progress = True  # generate() takes progress=, called after every sub-batch
+
     def __init__(self, spec: TransformersEngineSpec) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,7 +62,8 @@ class TransformersEngine:
         )
 
     def generate(
-        self, prompts: list[Messages], sampling: SamplingParams
+        self, prompts: list[Messages], sampling: SamplingParams,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[Completion | GenerationFailure]:
         texts = [self.render(messages) for messages in prompts]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -81,6 +85,9 @@ class TransformersEngine:
                 outputs = [GenerationFailure("engine_error", str(error)[:500])] * len(chunk)
             for index, output in zip(chunk, outputs, strict=False):
                 results[index] = output
+            if progress is not None:  # (prompts finished, completion tokens); never raises
+                progress(len(chunk), sum(o.completion_tokens for o in outputs
+                                         if isinstance(o, Completion)))
         return [result for result in results if result is not None]
 
     def _batches(self, indices: list[int], lengths: list[int]) -> list[list[int]]:

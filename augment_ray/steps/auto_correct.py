@@ -19,7 +19,7 @@ import ray.data
 from augment_ray.config import AutoCorrectStepSpec, EngineSpec, SamplingParams
 from augment_ray.engines import Completion
 from augment_ray.io.journal import GenerationJournal
-from augment_ray.rows import live_mask, reject_rows, set_column
+from augment_ray.rows import live_mask, reject_rows, require_columns, set_column
 from augment_ray.steps.auto_filter import Threshold, dataset_threshold, split_by_threshold
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
@@ -30,7 +30,6 @@ from augment_ray.steps.engine_pool import (
     pool_cpus,
     prepare_engine,
 )
-from augment_ray.steps.score import judged_text, require_columns
 from augment_ray.tasks import judge
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ class CorrectRunner(EngineActor):
         for index, alive in enumerate(live):
             if alive and index not in missing:
                 columns[f"{self.step}_corrected"][index] = False
-        prompts = [judge.answer_prompt(judged_text(rows[i], spec.instruction_column))
+        prompts = [judge.answer_prompt(judge.judged_text(rows[i], spec.instruction_column))
                    for i in wanted]
         results = generate_grouped(self.engine, [(p, self.sampling) for p in prompts])
         for index, result in zip(wanted, results, strict=True):
@@ -123,7 +122,7 @@ class CorrectRunner(EngineActor):
                   if c is not None and live[i] and i not in failures]
         requests = []
         for index in wanted:
-            question = judged_text(rows[index], spec.instruction_column)
+            question = judge.judged_text(rows[index], spec.instruction_column)
             original = str(rows[index].get(spec.response_column) or "")
             requests.append(judge.compare_prompt(question, original, candidates[index]))
             if spec.both_orders:

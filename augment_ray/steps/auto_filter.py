@@ -17,8 +17,7 @@ import ray
 import ray.data
 
 from augment_ray.config import AutoFilterStepSpec, ConfidenceThresholdSpec
-from augment_ray.errors import InputDataError
-from augment_ray.rows import live_mask, reject_rows
+from augment_ray.rows import live_mask, reject_rows, require_columns
 from augment_ray.steps.base import Step
 
 log = logging.getLogger(__name__)
@@ -39,11 +38,8 @@ class Threshold:
 
 
 def _confidence(batch: pa.Table, column: str, step: str) -> pa.ChunkedArray:
-    if column not in batch.column_names:
-        raise InputDataError(
-            f"Step {step!r} reads the confidence from column {column!r}, which the rows do not "
-            "have; put a `score` step before it or set `confidence_column`."
-        )
+    require_columns(batch, step, [column],
+                    "put a `score` step before it or set `confidence_column`")
     return batch[column]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 
+from augment_ray.curate.text import fold_str
 from augment_ray.tasks.base import (
     Messages,
     ParseFailure,
@@ -20,10 +21,6 @@ NATIVE_EXPAND_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-exp\b", re.IGNORECAS
 
 def is_native_expand_model(model: str) -> bool:
     return bool(NATIVE_EXPAND_MODEL.search(model))
-
-
-def _normalized(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 class ExpandTask:
@@ -67,6 +64,6 @@ class ExpandTask:
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         answer = answer_text(text, self.TAG, self.native)
-        if _normalized(answer) == _normalized(row["instruction"]):
+        if fold_str(answer) == fold_str(row["instruction"]):
             raise ParseFailure("copy_of_seed", answer[:500])
         return {"instruction": answer}
