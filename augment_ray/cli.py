@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -95,7 +96,8 @@ def validate(job_file: str, ds: str | None) -> None:
 @click.option("--overwrite", "--force", "overwrite", is_flag=True,
               help="Replace an existing output, even a committed run of this job (output.mode).")
 @DS_OPTION
-@click.option("--debug", is_flag=True, help="Show tracebacks and Ray's own logs.")
+@click.option("--debug", is_flag=True,
+              help="Show tracebacks and Ray's own logs and progress bars.")
 def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrite: bool,
         ds: str | None, debug: bool) -> None:
     """Run JOB_FILE: read the input, apply the steps, write output shards, rejects and a summary.
@@ -115,8 +117,38 @@ def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrit
     from augment_ray.pipeline import run_job
     from augment_ray.summary import format_summary
 
+    show_ray_progress(debug)
     result = _reporting_errors(lambda: run_job(job, ray_address=ray_address), debug)
     click.echo(format_summary(result))
+    click.echo(next_commands(result))
+
+
+def show_ray_progress(debug: bool) -> None:
+    """--debug shows Ray Data's own progress bars/blocks and INFO logs besides ours (as does
+    AUGMENT_RAY_RAY_PROGRESS=1); without it they go to Ray Data's log file only."""
+    if debug:
+        from augment_ray.progress import RAY_PROGRESS_ENV
+
+        os.environ.setdefault(RAY_PROGRESS_ENV, "1")
+
+
+def next_commands(summary: dict[str, Any]) -> str:
+    """What to do with a finished run: the commands that read it, with real arguments."""
+    output_uri = summary["output"]["uri"]
+    out, base = shlex.quote(output_uri), output_uri.rstrip("/")
+    target = f"{base}.alpaca.jsonl" if "://" not in output_uri else f"{summary['job']}.alpaca.jsonl"
+    export = f"augment-ray export {out} --format alpaca --to {shlex.quote(target)}"
+    # a step that rewrites the instruction (refine) says so in its summary entry
+    rewritten = [step["rewrites_instruction"] for step in summary["steps"]
+                 if step.get("rewrites_instruction")]
+    if rewritten:
+        export += f" --instruction-column {rewritten[-1]}"
+    return "\n".join([
+        "Next:",
+        f"  augment-ray summary {out}    # this summary again",
+        f"  augment-ray report {out}     # writes {base}/_report/report.html",
+        f"  {export}",
+    ])
 
 
 def quiet_ray_data_tracebacks() -> None:
@@ -187,6 +219,7 @@ def loop(job_file: str, ray_address: str | None, output_uri: str | None, overwri
         return
     from augment_ray.loops.llm2llm import format_loop_report, run_loop
 
+    show_ray_progress(debug)
     report = _reporting_errors(
         lambda: run_loop(job, ray_address=ray_address, overwrite=overwrite), debug)
     click.echo(format_loop_report(report))
@@ -258,21 +291,16 @@ def submit(job_file: str, address: str | None, ds: str | None, wait: bool, worki
 @click.argument("output_uri")
 def summary(output_uri: str) -> None:
     """Print the summary of the finished run at OUTPUT_URI (local path, s3:// or oss://)."""
-    from augment_ray.io.committed import SUMMARY
+    from augment_ray.io.committed import SUMMARY, read_json, require_committed
     from augment_ray.storage import location
-    from augment_ray.summary import format_summary, redact_uri
+    from augment_ray.summary import format_summary
 
     try:
-        loc = location(output_uri, None).join(SUMMARY)
+        output = location(output_uri, None)
+        require_committed(output, "summary")
+        payload = read_json(output, SUMMARY)
     except AugmentRayError as error:
         _fail(error)
-    try:
-        with loc.fs.open_input_stream(loc.path) as stream:
-            payload = json.loads(stream.read())
-    except (OSError, ValueError) as error:
-        click.echo(f"error: cannot read {redact_uri(loc.uri)} ({error}); is it a finished run?",
-                   err=True)
-        sys.exit(EXIT_FAILED)
     click.echo(format_summary(payload))
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from augment_ray.errors import InputDataError, StorageError
-from augment_ray.io.committed import MANIFEST, require_committed
+from augment_ray.io.committed import MANIFEST, committed_files, read_json, require_committed
 from augment_ray.storage import Location, describe_os_error
 
 INSTRUCTION = "instruction"
@@ -92,27 +92,10 @@ class ExportStats:
     skipped_no_instruction: int = 0
 
 
-def _read_json(loc: Location) -> dict[str, Any]:
-    with loc.fs.open_input_stream(loc.path) as stream:
-        payload = json.loads(stream.read())
-    if not isinstance(payload, dict):
-        raise ValueError("not a JSON object")
-    return payload
-
-
 def data_files(output: Location) -> list[Location]:
     """The data shards of the finished run at `output`, as its manifest lists them."""
     require_committed(output, "export")
-    manifest = output.join(MANIFEST)
-    try:
-        files = _read_json(manifest).get("files")
-    except (OSError, pa.ArrowException) as error:
-        raise describe_os_error(manifest, "read", error) from None
-    except ValueError as error:
-        raise StorageError(f"Cannot read {manifest.uri}: {error}.") from None
-    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
-        raise StorageError(f"{manifest.uri} has no \"files\" list of data shard paths.")
-    return [output.join(name) for name in files]
+    return committed_files(output, read_json(output, MANIFEST), "files")
 
 
 def _columns(shard: Location, schema: pa.Schema, instruction_column: str) -> list[str]:

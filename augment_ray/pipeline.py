@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ import ray.data
 from augment_ray.config.io import InputSpec
 from augment_ray.config.job import JobSpec
 from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
+from augment_ray.io.committed import STARTED, committed_run, spec_digest, spec_json, started_by
 from augment_ray.io.journal import WORK_DIR, journaled_counts
 from augment_ray.io.read import (
     InputShard,
@@ -30,20 +30,23 @@ from augment_ray.io.read import (
 from augment_ray.io.write import (
     COMPRESSION,
     FORMAT,
-    MANIFEST,
     STAGING_DIR,
-    SUCCESS,
-    SUMMARY,
     RoutingParquetSink,
     WriteStats,
     code_version,
     commit,
     prepare_output,
-    read_json,
     write_json,
 )
 from augment_ray.kinds import build_steps
-from augment_ray.progress import ProgressBoard, ProgressLogger, StepProgress, count_progress
+from augment_ray.progress import (
+    ProgressBoard,
+    ProgressLogger,
+    StepProgress,
+    board_of_run,
+    count_progress,
+    quiet_ray_data,
+)
 from augment_ray.rows import ID, INPUT_STEP
 from augment_ray.steps.base import RunContext, Step
 from augment_ray.storage import Location, location
@@ -61,6 +64,7 @@ def connect_ray(address: str | None) -> None:
     # our errors (a missing column, a bad file) reach the driver as themselves, not as a
     # UserCodeException that has lost them (what ds.materialize() etc. raise by default)
     ray.data.DataContext.get_current().raise_original_map_exception = True
+    quiet_ray_data()  # our progress lines replace Ray Data's (AUGMENT_RAY_RAY_PROGRESS=1: both)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -172,18 +176,6 @@ def check_column_clashes(steps: list[Step], input_columns: set[str]) -> None:
             taken[name] = f"step {step.name!r}"
 
 
-def spec_json(job: JobSpec) -> bytes:
-    """What the job computes, as canonical JSON: output.mode (how to treat an existing
-    output) is left out, so a --force rerun is still the same job."""
-    data = job.model_dump(mode="json")
-    data["output"].pop("mode", None)
-    return json.dumps(data, sort_keys=True).encode()
-
-
-def spec_digest(job: JobSpec) -> str:
-    return hashlib.sha256(spec_json(job)).hexdigest()[:16]
-
-
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -275,8 +267,9 @@ def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: 
                               len(shards))
     with user_errors_unwrapped(job.reliability.max_actor_restarts), progress:
         ds = read_dataset(job.input, shards, ledger, board)
-        for step in steps:  # a barrier step runs everything before it here
-            ds = with_progress(step.apply(ds), step.name, board)
+        with board_of_run(board):  # engine pools report their calls' progress to it
+            for step in steps:  # a barrier step runs everything before it here
+                ds = with_progress(step.apply(ds), step.name, board)
         ds.write_datasink(sink)
     rows_read, files_read = ray.get(ledger.totals.remote())
     stats = sink.result
@@ -384,24 +377,6 @@ def check_reject_shares(job: JobSpec, funnel: list[dict[str, Any]]) -> None:
                 f"raise steps[].max_reject_share for {name!r} or reliability.max_reject_share. "
                 "A rerun replays the model answers journaled so far."
             )
-
-
-STARTED = "_STARTED"  # written when a run starts: which job the output's partial files are from
-
-
-def started_by(output: Location) -> str | None:
-    """The job digest of the run that started writing at `output`, if one did."""
-    return (read_json(output, STARTED) or {}).get("job_digest")
-
-
-def committed_run(output: Location) -> dict[str, Any] | None:
-    """{manifest, summary} of the run committed at `output` (it has _SUCCESS), else None."""
-    if read_json(output, SUCCESS) is None:
-        return None
-    manifest, summary = read_json(output, MANIFEST), read_json(output, SUMMARY)
-    if manifest is None or summary is None:
-        return None
-    return {"manifest": manifest, "summary": summary}
 
 
 def _schema_of(output: Location, files: list[str]) -> list[dict[str, str]]:

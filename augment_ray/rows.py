@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from augment_ray.errors import InputDataError
+
 ID = "id"
 SOURCE_ID = "source_id"  # the input row this row descends from (itself for input rows)
 ORIGIN_STEP = "origin_step"  # the step that created the row ("input" for input rows)
@@ -88,6 +90,17 @@ def reject_rows(table: pa.Table, step: str,
     reasons = [failures[i][0] if i in failures else None for i in range(n)]
     details = [failures[i][1] if i in failures else None for i in range(n)]
     return reject(table, pa.array(mask, pa.bool_()), step, reasons, details)
+
+
+def require_columns(table: pa.Table, step: str, columns: Sequence[str], fix: str = "") -> None:
+    """A clear InputDataError for the first of `columns` the rows do not have: the step, the
+    column, the columns they have, and `fix` (what to change in the job)."""
+    for name in columns:
+        if name not in table.column_names:
+            raise InputDataError(
+                f"Step {step!r} needs column {name!r}, which the rows do not have (they have: "
+                f"{', '.join(table.column_names)})" + (f"; {fix}." if fix else ".")
+            )
 
 
 def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

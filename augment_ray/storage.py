@@ -19,11 +19,9 @@ import pyarrow.fs as pafs
 
 from augment_ray.config.base import StorageOptions
 from augment_ray.errors import StorageError
+from augment_ray.names import CONVENTIONAL_ENV_VAR_NAME
 
 OSS_KEY_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")
-# how environment variable names are spelled by convention; a name with lower-case letters in it
-# may be a secret (an AWS or OSS key secret is mixed-case) pasted where the NAME belongs
-_CONVENTIONAL_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 def redact_uri(uri: str) -> str:
@@ -40,7 +38,9 @@ def redact_uri(uri: str) -> str:
 def _env(name: str, field_name: str) -> str:
     value = os.environ.get(name)
     if not value:
-        if _CONVENTIONAL_ENV_NAME.match(name):
+        # a name with lower-case letters in it may be a secret (an AWS or OSS key secret is
+        # mixed-case) pasted where the NAME belongs
+        if CONVENTIONAL_ENV_VAR_NAME.match(name):
             raise StorageError(
                 f"Environment variable {name} (named by storage.{field_name}) is not set."
             )

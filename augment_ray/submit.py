@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from augment_ray.errors import AugmentRayError, JobSpecError
+from augment_ray.names import NOT_AN_ENV_VAR_NAME, check_env_var_name, shown_env_var_name
 
 # never shipped to the cluster with the working dir
 WORKING_DIR_EXCLUDES = [".git", ".venv", "out", "**/__pycache__", "*.egg-info", ".pytest_cache",
@@ -70,7 +71,8 @@ class SubmitPlan:
         missing = [name for name in self.env_names if not environ.get(name)]
         if missing:
             raise JobSpecError(
-                "--env names variables that are not set here: " + ", ".join(missing)
+                "--env names variables that are not set here: "
+                + ", ".join(shown_env_var_name(name) for name in missing)
                 + "; export them, or leave them to the cluster's own credentials."
             )
         if self.env_names:
@@ -96,6 +98,12 @@ def base_submission_id(job_name: str, ds: str) -> str:
 def plan_submission(job_file: str, job_name: str, ds: str, address: str, *,
                     working_dir: str | None, pip: list[str], env_names: list[str],
                     output: str | None, force: bool) -> SubmitPlan:
+    for name in env_names:
+        try:
+            check_env_var_name(name)
+        except ValueError:
+            raise JobSpecError(f"--env {NOT_AN_ENV_VAR_NAME} (the value given is not shown: "
+                               "it may be one).") from None
     driver_job_file = job_file
     if working_dir is not None:
         root = Path(working_dir).resolve()

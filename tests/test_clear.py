@@ -130,6 +130,10 @@ def test_answer_similarity_per_match_kind():
     assert answer_similarity("It is 17", "#### 18", "final_number") == 0.0
     assert answer_similarity("It is 17", "no number here", "final_number") is None
     assert answer_similarity("a b c", "a b d", "token_f1") == pytest.approx(2 / 3)
+    # the folding of curate.text (NFKC too) and the words of curate.words (CJK characters)
+    fullwidth = "\uff21\uff2e\uff33\uff37\uff25\uff32\u00a042"  # "ANSWER 42", NBSP
+    assert answer_similarity(fullwidth, "answer 42", "exact") == 1.0
+    assert answer_similarity("答案是七", "答案是八", "token_f1") == pytest.approx(3 / 4)
 
 
 def test_combine_is_bsdetector_and_falls_back_to_the_side_present():

@@ -229,7 +229,7 @@ def test_rows_rejected_earlier_and_empty_rows_are_left_alone(index):
 
 
 def test_missing_or_non_text_row_column_is_a_clear_error(index):
-    with pytest.raises(InputDataError, match="'decontaminate' compares column 'question'"):
+    with pytest.raises(InputDataError, match="'decontaminate' needs column 'question'"):
         decontaminate_table(rows(["x"]), index, ["question"], 0.5, "decontaminate")
     with pytest.raises(InputDataError, match="'score', which holds int64, not text"):
         decontaminate_table(rows(["x"], score=[1]), index, ["score"], 0.5, "decontaminate")

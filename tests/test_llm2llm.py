@@ -66,6 +66,8 @@ def test_find_label_prefers_the_whole_text_then_the_first_and_longest_label():
     assert find_label("It is not positive at all", labels) == "not positive"
     assert find_label("positive, then negative", labels) == "positive"
     assert find_label("neutral", labels) is None
+    # fullwidth NEGATIVE: folded as curate.text folds (NFKC, case)
+    assert find_label("\uff2e\uff25\uff27\uff21\uff34\uff29\uff36\uff25", labels) == "negative"
 
 
 # ------------------------------------------------------------------ teacher validation

@@ -61,6 +61,8 @@ def test_language_and_tags():
     assert detect_language("请把这段话翻译成英文") == "zh"
     assert detect_language("Translate this: 你好") == "en"
     assert detect_language("12345") == "en"
+    assert detect_language("한국어로 대답하세요") == "en"  # Han counts, not every CJK script
+    assert detect_language("𠀀𠀁是什么") == "zh"  # Han beyond the BMP (curate.words.HAN)
     assert extract_tagged("no tags", "refined") is None
 
 

@@ -4,23 +4,11 @@ options, sampling parameters, text folding options and the base of every engine 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def check_env_var_name(value: str | None) -> str | None:
-    """`value` when it is None or the name of an environment variable, else a ValueError
-    (pydantic reports it against the field)."""
-    if value is not None and not ENV_VAR_NAME.match(value):
-        raise ValueError(
-            "must be the NAME of an environment variable (letters, digits, _), "
-            "never the secret itself"
-        )
-    return value
+from augment_ray.names import check_env_var_name
 
 
 class Spec(BaseModel):

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from augment_ray.curate.text import fold_str
+from augment_ray.curate.words import words
+
 # the last number of a text; GSM8K's '#### 42' final answer wins when present
 _FINAL_MARK = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 # a minus right after a word ("60-15") is subtraction, not a sign; a comma groups thousands only
@@ -29,25 +32,14 @@ def final_number(text: str | None) -> float | None:
         return None
 
 
-_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+")
-
-
-def words(text: str) -> list[str]:
-    """Word tokens; each CJK ideograph is a word of its own."""
-    return _WORD.findall(text)
-
-
-def _fold(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def numbers_match(got: float | None, expected: float) -> bool:
     return got is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
 
 
 def token_f1(a: str, b: str) -> float:
-    """F1 of the two texts' word bags (lower-cased; CJK characters count as words)."""
-    left, right = Counter(words(a.lower())), Counter(words(b.lower()))
+    """F1 of the two texts' word bags (folded as curate.text does; words as curate.words
+    splits them, each CJK character a word)."""
+    left, right = Counter(words(fold_str(a))), Counter(words(fold_str(b)))
     common = sum((left & right).values())
     if common == 0:
         return 0.0
@@ -57,10 +49,10 @@ def token_f1(a: str, b: str) -> float:
 
 def answer_similarity(sample: str, response: str, match: str) -> float | None:
     """How far a sampled answer agrees with the row's response, in [0, 1].
-    exact: equal after case/space folding; final_number: same final number (None when the
-    response has none); token_f1: word-bag F1."""
+    exact: equal after folding (curate.text: NFKC, case, whitespace); final_number: same final
+    number (None when the response has none); token_f1: word-bag F1."""
     if match == "exact":
-        return float(_fold(sample) == _fold(response))
+        return float(fold_str(sample) == fold_str(response))
     if match == "final_number":
         expected = final_number(response)
         if expected is None:

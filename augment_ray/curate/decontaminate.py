@@ -16,10 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from augment_ray.config.base import NormalizeSpec
 from augment_ray.config.io import InputSpec
 from augment_ray.curate.hashing import as_array, ngram_hashes
-from augment_ray.curate.text import fold, joined_text, text_columns
+from augment_ray.curate.text import FOLD, fold, joined_text, text_columns
 from augment_ray.curate.verdicts import live_positions, reject_at
 from augment_ray.curate.words import distinct_per_row, split_words
 from augment_ray.errors import AugmentRayError, InputDataError
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 REASON = "contaminated"
 # most (row, eval item) pairs expanded at once; bounds memory when n-grams are common
 MAX_PAIRS = 4_000_000
-_FOLD = NormalizeSpec()
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,7 @@ def item_labels(table: pa.Table, spec: EvalSetSpec, first: int, where: str,
 
 def text_ngrams(texts: pa.Array | pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(hash, text position) of each distinct n-gram of each folded text."""
-    words = split_words(fold(texts, _FOLD))
+    words = split_words(fold(texts))
     return distinct_per_row(*ngram_hashes(words.hashes, words.offsets, n, whole_if_shorter=True))
 
 
@@ -274,7 +272,7 @@ def decontaminate_table(table: pa.Table, index: NgramIndex, columns: list[str],
     live = live_positions(table)
     if not live.size:
         return table
-    text = joined_text(table.take(pa.array(live)), columns, _FOLD, step)
+    text = joined_text(table.take(pa.array(live)), columns, FOLD, step)
     matches = best_matches(index, text)
     contaminated = (matches.grams > 0) & (matches.share >= threshold)
     reasons = [REASON if hit else None for hit in contaminated.tolist()]

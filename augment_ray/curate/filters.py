@@ -17,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from augment_ray.config.base import NormalizeSpec
 from augment_ray.curate.hashing import as_array, ngram_hashes
 from augment_ray.curate.text import fold, text_columns
 from augment_ray.curate.verdicts import live_positions, reject_at
 from augment_ray.curate.words import distinct_per_row, split_words, token_counts
-from augment_ray.errors import InputDataError
+from augment_ray.rows import require_columns
 
 if TYPE_CHECKING:
     from augment_ray.steps.filter import FilterStepSpec
@@ -67,7 +66,6 @@ DEFAULT_REFUSAL_PHRASES = (
 NON_PRINTABLE = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\p{Co}\x{FFFD}]"
 APOSTROPHES = r"[\x{2018}\x{2019}\x{02BC}\x{FF07}]"
 REPEAT_NGRAM = 3
-_FOLD = NormalizeSpec()
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ def _chars(text: pa.Array) -> np.ndarray:
 
 def fold_text(text: pa.Array) -> pa.Array:
     """What the content rules compare: NFKC, lower case, whitespace collapsed; null as empty."""
-    return fold(pc.fill_null(text, ""), _FOLD)
+    return fold(pc.fill_null(text, ""))
 
 
 def fold_phrase_text(folded: pa.Array) -> pa.Array:
@@ -299,12 +297,7 @@ def first_failures(rules: dict[str, Rule], texts: RowTexts,
 
 
 def _required_column(table: pa.Table, name: str, step: str) -> pa.Array:
-    if name not in table.column_names:
-        raise InputDataError(
-            f"Step {step!r} filters on instruction_column {name!r}, but the rows have no such "
-            f"column (they have: {', '.join(table.column_names)}). Fix "
-            "`steps[].instruction_column`."
-        )
+    require_columns(table, step, [name], "fix `steps[].instruction_column`")
     return _text(table, name, step)
 
 

@@ -1,4 +1,7 @@
-"""The text a curation step compares: chosen columns joined, then folded (vectorized pyarrow)."""
+"""The text a curation step compares: chosen columns joined, then folded (vectorized pyarrow).
+
+`fold` is the one text folding of the package: the curation steps apply it to columns, and
+`fold_str` applies it to one Python string (answer comparison, copy-of-seed checks, labels)."""
 
 from __future__ import annotations
 
@@ -8,19 +11,17 @@ import pyarrow.compute as pc
 from augment_ray.config.base import NormalizeSpec
 from augment_ray.curate.hashing import as_array
 from augment_ray.errors import InputDataError
+from augment_ray.rows import require_columns
 
 COLUMN_SEPARATOR = "\n"
+FOLD = NormalizeSpec()  # the default folding: NFKC, lower case, whitespace collapsed and trimmed
 
 
 def text_columns(table: pa.Table, columns: list[str], step: str) -> list[pa.ChunkedArray]:
     """The named columns as strings; a missing or non-text column is a clear error."""
+    require_columns(table, step, columns, "fix `steps[].columns`")
     arrays = []
     for name in columns:
-        if name not in table.column_names:
-            raise InputDataError(
-                f"Step {step!r} compares column {name!r}, but the rows have no such column "
-                f"(they have: {', '.join(table.column_names)}). Fix `steps[].columns`."
-            )
         column = table[name]
         if pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
             column = column.cast(pa.string())
@@ -32,7 +33,8 @@ def text_columns(table: pa.Table, columns: list[str], step: str) -> list[pa.Chun
     return arrays
 
 
-def fold(text: pa.ChunkedArray | pa.Array, spec: NormalizeSpec) -> pa.ChunkedArray | pa.Array:
+def fold(text: pa.ChunkedArray | pa.Array,
+         spec: NormalizeSpec = FOLD) -> pa.ChunkedArray | pa.Array:
     if spec.unicode != "none":
         text = pc.utf8_normalize(text, form=spec.unicode)
     if spec.case:
@@ -40,6 +42,11 @@ def fold(text: pa.ChunkedArray | pa.Array, spec: NormalizeSpec) -> pa.ChunkedArr
     if spec.whitespace:
         text = pc.utf8_trim_whitespace(pc.replace_substring_regex(text, r"\s+", " "))
     return text
+
+
+def fold_str(text: str, spec: NormalizeSpec = FOLD) -> str:
+    """`fold` of one string."""
+    return fold(pa.array([text], pa.string()), spec)[0].as_py()
 
 
 def joined_text(table: pa.Table, columns: list[str], spec: NormalizeSpec,

@@ -18,7 +18,13 @@ import pyarrow.compute as pc
 
 from augment_ray.curate.hashing import as_array, hash64
 
-CJK_CHAR = r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}])"
+# The one definition of CJK in the package (RE2 classes, as pyarrow.compute takes them): Han
+# ideographs (what makes a text Chinese, tasks.base.detect_language), and with kana and Hangul
+# the scripts written without spaces between words, where each character is a word.
+HAN = r"\p{Han}"
+CJK = HAN + r"\p{Hiragana}\p{Katakana}\p{Hangul}"  # the body of a character class
+CJK_CHAR = rf"([{CJK}])"
+LETTER = r"\p{L}"
 NON_WORD = r"[^\p{L}\p{N}\p{M}_]+"
 TOKEN = r"[\p{L}\p{N}\p{M}_]+|[^\s\p{L}\p{N}\p{M}_]"
 
@@ -48,6 +54,20 @@ def token_counts(text: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Words plus punctuation/symbol characters per row (null counts 0)."""
     counts = pc.count_substring_regex(_space_cjk(as_array(text)), TOKEN)
     return pc.fill_null(counts, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def words(text: str) -> list[str]:
+    """The words of one string, as split_words splits a column (text as given: fold it
+    first to compare)."""
+    lists = pc.split_pattern_regex(_space_cjk(pa.array([text], pa.string())), NON_WORD)
+    return [word for word in lists[0].as_py() if word]
+
+
+def han_share(text: str) -> float:
+    """The share of a string's letters that are Han ideographs (0.0 without letters)."""
+    array = pa.array([text], pa.string())
+    letters = pc.count_substring_regex(array, LETTER)[0].as_py()
+    return pc.count_substring_regex(array, HAN)[0].as_py() / letters if letters else 0.0
 
 
 def split_words(text: pa.Array | pa.ChunkedArray) -> Words:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, field_validator
 
-from augment_ray.config.base import EngineSpec, SamplingParams, check_env_var_name
+from augment_ray.config.base import EngineSpec, SamplingParams
 from augment_ray.engines.base import (
     Completion,
     Engine,
@@ -30,6 +30,7 @@ from augment_ray.engines.base import (
 )
 from augment_ray.errors import EngineError
 from augment_ray.kinds import engine_kind
+from augment_ray.names import check_env_var_name
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -52,6 +53,8 @@ class TransformersEngineSpec(EngineSpec):
 
 @engine_kind(TransformersEngineSpec)
 class TransformersEngine(Engine):
+    reports_progress = True  # generate() takes progress=, called after every sub-batch
+
     @classmethod
     def prepare(cls, spec: Any) -> None:
         # finds the model (a clear error when it is missing) and converts a GGUF once here
@@ -100,7 +103,8 @@ class TransformersEngine(Engine):
         )
 
     def generate(
-        self, prompts: list[Messages], sampling: SamplingParams
+        self, prompts: list[Messages], sampling: SamplingParams,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[Completion | GenerationFailure]:
         texts = [self.render(messages) for messages in prompts]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -122,6 +126,9 @@ class TransformersEngine(Engine):
                 outputs = [GenerationFailure("engine_error", str(error)[:500])] * len(chunk)
             for index, output in zip(chunk, outputs, strict=False):
                 results[index] = output
+            if progress is not None:  # (prompts finished, completion tokens); never raises
+                progress(len(chunk), sum(o.completion_tokens for o in outputs
+                                         if isinstance(o, Completion)))
         return [result for result in results if result is not None]
 
     def _batches(self, indices: list[int], lengths: list[int]) -> list[list[int]]:

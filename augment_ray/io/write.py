@@ -189,16 +189,6 @@ def prepare_output(output: Location, mode: str, keep: tuple[str, ...] = ()) -> N
         raise describe_os_error(output, "prepare output", error) from None
 
 
-def read_json(loc: Location, name: str) -> dict | None:
-    """The JSON object `name` under `loc`, or None when it is missing or unreadable."""
-    try:
-        with loc.fs.open_input_stream(loc.join(name).path) as stream:
-            payload = json.loads(stream.read())
-    except (OSError, ValueError):
-        return None
-    return payload if isinstance(payload, dict) else None
-
-
 def write_json(loc: Location, name: str, payload: dict) -> None:
     data = json.dumps(payload, indent=2, sort_keys=False, default=str).encode("utf-8")
     try:
@@ -206,6 +196,14 @@ def write_json(loc: Location, name: str, payload: dict) -> None:
             stream.write(data)
     except (OSError, pa.ArrowException) as error:
         raise describe_os_error(loc, f"write {name} to", error) from None
+
+
+def write_marked(loc: Location, files: dict[str, dict], marker: str, stamp: dict) -> None:
+    """The commit protocol's last part: the JSON `files`, then the `marker` file last, so a
+    reader that sees the marker (a run's _SUCCESS, a loop round's _DONE) sees them all."""
+    for name, payload in files.items():
+        write_json(loc, name, payload)
+    write_json(loc, marker, stamp)
 
 
 def commit(output: Location, manifest: dict, summary: dict,
@@ -221,9 +219,8 @@ def commit(output: Location, manifest: dict, summary: dict,
             output.fs.move(staging.join(name).path, output.join(name).path)
     except (OSError, pa.ArrowException) as error:
         raise describe_os_error(output, "commit (move staged files) in", error) from None
-    write_json(output, MANIFEST, manifest)
-    write_json(output, SUMMARY, summary)
-    write_json(output, SUCCESS, {"run_id": manifest["run_id"]})
+    write_marked(output, {MANIFEST: manifest, SUMMARY: summary}, SUCCESS,
+                 {"run_id": manifest["run_id"]})
     for name in (STAGING_DIR, *remove_after):
         # absent (nothing journaled) or already gone: nothing to clean
         with contextlib.suppress(OSError, pa.ArrowException):

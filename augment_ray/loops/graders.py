@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from augment_ray.config.base import NormalizeSpec
 from augment_ray.curate import minhash
 from augment_ray.curate.confidence import answer_similarity, final_number, numbers_match
 from augment_ray.curate.text import fold
@@ -51,7 +50,7 @@ class NearDuplicateIndex:
         self.signatures = np.zeros((0, spec.num_perm), dtype=np.uint32)
 
     def _signatures(self, texts: list[str | None]) -> np.ndarray:
-        folded = fold(pa.array([t or "" for t in texts], pa.string()), NormalizeSpec())
+        folded = fold(pa.array([t or "" for t in texts], pa.string()))
         hashes, rows = minhash.shingle_hashes(folded, "char", self.spec.shingle_size)
         return minhash.signatures(hashes, rows, len(texts), self.perms)
 

@@ -21,8 +21,6 @@ A rerun resumes after the last round with _DONE (an unfinished round is done aga
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shlex
 import subprocess
@@ -39,8 +37,9 @@ import ray.data
 from augment_ray.config.base import EngineSpec
 from augment_ray.config.io import InputSpec
 from augment_ray.errors import AugmentRayError, StorageError
+from augment_ray.io.committed import SUCCESS, has_marker, read_json, spec_digest
 from augment_ray.io.read import list_input_shards
-from augment_ray.io.write import write_json
+from augment_ray.io.write import write_json, write_marked
 from augment_ray.loops.config import LoopJobSpec
 from augment_ray.loops.graders import NearDuplicateIndex, grade
 from augment_ray.pipeline import (
@@ -72,6 +71,9 @@ TRAIN_SCHEMA = pa.schema([
     (ROUND, pa.int32()), (PARENT, pa.string()),
 ])
 PART = "part-00000.parquet"
+LOOP = "_loop.json"  # the job digest: a rerun with another job is refused
+REPORT = "_report.json"
+DONE = "_DONE"  # written last in a round: the resume unit
 
 
 class LoopError(AugmentRayError):
@@ -83,9 +85,10 @@ def round_name(index: int) -> str:
 
 
 def job_digest(job: LoopJobSpec) -> str:
-    """What must match for a rerun to resume: everything but the number of rounds (a finished
-    2-round run can be extended to 3)."""
-    return hashlib.sha256(job.model_dump_json(exclude={"rounds"}).encode()).hexdigest()[:16]
+    """What must match for a rerun to resume: the spec as a pipeline job's digest takes it
+    (without output.mode), and without the number of rounds (a finished 2-round run can be
+    extended to 3)."""
+    return spec_digest(job, leave_out={"rounds"})
 
 
 # ------------------------------------------------------------------ storage
@@ -108,10 +111,6 @@ def read_table(loc: Location, folder: str) -> pa.Table:
         raise describe_os_error(loc.join(folder), "read", error) from None
 
 
-def exists(loc: Location, name: str) -> bool:
-    return loc.fs.get_file_info(loc.join(name).path).type != pafs.FileType.NotFound
-
-
 def prepare_loop_output(output: Location, job: LoopJobSpec, overwrite: bool) -> int:
     """The first round still to do. A different job's output is refused (or cleared with
     overwrite); rounds with _DONE are kept."""
@@ -120,9 +119,8 @@ def prepare_loop_output(output: Location, job: LoopJobSpec, overwrite: bool) -> 
         digest = job_digest(job)
         if info.type == pafs.FileType.Directory and overwrite:
             output.fs.delete_dir_contents(output.path)
-        elif info.type == pafs.FileType.Directory and exists(output, "_loop.json"):
-            with output.fs.open_input_stream(output.join("_loop.json").path) as stream:
-                previous = json.loads(stream.read())
+        elif info.type == pafs.FileType.Directory and has_marker(output, LOOP):
+            previous = read_json(output, LOOP)
             if previous.get("job_digest") != digest:
                 raise StorageError(
                     f"Output {output.uri} holds a loop run of another job (digest "
@@ -136,9 +134,9 @@ def prepare_loop_output(output: Location, job: LoopJobSpec, overwrite: bool) -> 
                                    "loop run; choose another output.uri or pass --overwrite.")
             output.fs.delete_dir_contents(output.path)
         output.fs.create_dir(output.path, recursive=True)
-        write_json(output, "_loop.json", {"job": job.name, "job_digest": digest})
+        write_json(output, LOOP, {"job": job.name, "job_digest": digest})
         done = 0
-        while done < job.rounds and exists(output, f"{round_name(done)}/_DONE"):
+        while done < job.rounds and has_marker(output.join(round_name(done)), DONE):
             done += 1
         return done
     except StorageError:
@@ -338,8 +336,7 @@ class Loop:
             "next_train_rows": len(train) + len(accepted),
             "seconds": round(time.perf_counter() - started, 2),
         })
-        write_json(self.output.join(name), "_report.json", report)
-        write_json(self.output.join(name), "_DONE", {"round": r})
+        write_marked(self.output.join(name), {REPORT: report}, DONE, {"round": r})
         log.info("round %d: %s", r, report)
         return pa.concat_tables([train, accepted]), trained, report
 
@@ -375,9 +372,8 @@ def run_loop(job: LoopJobSpec, *, ray_address: str | None = None,
         reports = []
         for r in range(job.rounds):
             if r < start:
-                with output.fs.open_input_stream(
-                        output.join(round_name(r), "_report.json").path) as stream:
-                    reports.append({**json.loads(stream.read()), "resumed": True})
+                reports.append({**read_json(output.join(round_name(r)), REPORT),
+                                "resumed": True})
                 continue
             train, student_model, report = loop.run_round(r, seeds, eval_rows, train,
                                                           student_model)
@@ -386,8 +382,7 @@ def run_loop(job: LoopJobSpec, *, ray_address: str | None = None,
     summary = {"job": job.name, "rounds": reports, "final_train_rows": len(train),
                "seed_rows": len(seeds), "seed_rows_rejected": len(seed_rejects),
                "resumed_from_round": start}
-    write_json(output, "_report.json", summary)
-    write_json(output, "_SUCCESS", {"job_digest": job_digest(job)})
+    write_marked(output, {REPORT: summary}, SUCCESS, {"job_digest": job_digest(job)})
     return summary
 
 

@@ -8,7 +8,6 @@ SAMPLE_LIMIT rows per side, kept with a reservoir so memory stays flat whatever 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,8 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from augment_ray.errors import StorageError
-from augment_ray.io.committed import MANIFEST, SUMMARY, require_committed
+from augment_ray.io.committed import (
+    MANIFEST,
+    SUMMARY,
+    committed_files,
+    read_json,
+    require_committed,
+)
 from augment_ray.rows import ID, INPUT_STEP, ORIGIN_STEP, REJECT_DETAIL, REJECT_REASON, REJECT_STEP
 from augment_ray.storage import Location, describe_os_error, redact_uri
 
@@ -90,26 +94,6 @@ class Reservoir:
         if self.table is None:
             return pa.table({name: pa.array([], pa.string()) for name in columns})
         return self.table.drop_columns([_KEY])
-
-
-def _read_json(loc: Location) -> dict[str, Any]:
-    try:
-        with loc.fs.open_input_stream(loc.path) as stream:
-            payload = json.loads(stream.read())
-    except (OSError, pa.ArrowException) as error:
-        raise describe_os_error(loc, "read", error) from None
-    except ValueError as error:
-        raise StorageError(f"Cannot read {redact_uri(loc.uri)}: {error}.") from None
-    if not isinstance(payload, dict):
-        raise StorageError(f"{redact_uri(loc.uri)} is not a JSON object.")
-    return payload
-
-
-def _shards(output: Location, manifest: dict[str, Any], key: str) -> list[Location]:
-    names = manifest.get(key, [])
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise StorageError(f"{redact_uri(output.join(MANIFEST).uri)} has no {key!r} list.")
-    return [output.join(name) for name in names]
 
 
 def _schema(shard: Location) -> pa.Schema:
@@ -185,10 +169,10 @@ def _duplicate_targets(table: pa.Table, step: str) -> list[str]:
 
 def load_run(output: Location, limit: int = SAMPLE_LIMIT, samples: int = 5) -> RunView:
     require_committed(output, "the report")
-    summary = _read_json(output.join(SUMMARY))
-    manifest = _read_json(output.join(MANIFEST))
-    data = _shards(output, manifest, "files")
-    rejects = _shards(output, manifest, "reject_files")
+    summary = read_json(output, SUMMARY)
+    manifest = read_json(output, MANIFEST)
+    data = committed_files(output, manifest, "files")
+    rejects = committed_files(output, manifest, "reject_files", optional=True)
     schemas = [_schema(shards[0]) for shards in (data, rejects) if shards]
     names = {name for schema in schemas for name in schema.names}
     columns = find_columns(summary, names)

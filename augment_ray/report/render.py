@@ -93,6 +93,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     return html, "\n".join(md)
 
 
+def _noted(anchor: str, title: str, html: list[str], md: list[str], note: str) -> Section:
+    """A section of HTML and Markdown parts that ends with a note on what it shows."""
+    return Section(anchor, title, "".join([*html, f'<p class="meta">{escape(note)}</p>']),
+                   "\n\n".join([*md, note]))
+
+
 def _none(text: str) -> tuple[str, str]:
     return f'<p class="none">{escape(text)}</p>', f"_{text}_"
 
@@ -237,9 +243,8 @@ def lengths_section(view: RunView, counter: TokenCounter) -> Section:
             html.append(_distribution([(BEFORE, before), (AFTER, after)],
                                       f"{title}: before vs after", integer=True))
         html.append(t_html)
-    html.append(f'<p class="meta">{escape(where[BEFORE])}; {escape(where[AFTER])}.</p>')
-    md.append(f"{where[BEFORE]}; {where[AFTER]}.")
-    return Section("lengths", "Lengths before and after", "".join(html), "\n\n".join(md))
+    return _noted("lengths", "Lengths before and after", html, md,
+                  f"{where[BEFORE]}; {where[AFTER]}.")
 
 
 def _final_instructions(view: RunView) -> list[str | None]:
@@ -268,9 +273,7 @@ def scores_section(view: RunView) -> Section:
         md.append(f"### {column}\n\n{t_md}")
     note = (f"Sampled: {view.after.num_rows:,} of {view.after_total:,} kept rows, "
             f"{view.rejected.num_rows:,} of {view.rejected_total:,} rejected rows.")
-    html.append(f'<p class="meta">{escape(note)}</p>')
-    md.append(note)
-    return Section("scores", "Scores", "".join(html), "\n\n".join(md))
+    return _noted("scores", "Scores", html, md, note)
 
 
 def duplicates_section(view: RunView) -> Section:
@@ -328,9 +331,7 @@ def labels_section(view: RunView) -> Section:
         md += [f"### {column}", t_md]
     note = ("Exact counts. Before: input rows (data/ and _rejects/) that have a label (rows "
             "rejected before the labelling step have none); after: every kept row.")
-    html.append(f'<p class="meta">{escape(note)}</p>')
-    md.append(note)
-    return Section("labels", "Task categories and languages", "".join(html), "\n\n".join(md))
+    return _noted("labels", "Task categories and languages", html, md, note)
 
 
 def samples_section(view: RunView) -> Section:
@@ -377,9 +378,7 @@ def samples_section(view: RunView) -> Section:
         md.append(t_md)
     note = (f"Up to {SAMPLE_ROWS} rows each, the lowest ids of the sampled kept rows; long "
             f"texts are cut at {CLIP} characters.")
-    html.append(f'<p class="meta">{escape(note)}</p>')
-    md.append(note)
-    return Section("samples", "Sample rows", "".join(html), "\n\n".join(md))
+    return _noted("samples", "Sample rows", html, md, note)
 
 
 def tokens_section(view: RunView) -> Section:

@@ -21,7 +21,7 @@ from augment_ray.config.base import EngineSpec, SamplingOverrides, SamplingParam
 from augment_ray.engines.base import Completion, describe_engine
 from augment_ray.io.journal import GenerationJournal
 from augment_ray.kinds import step_kind
-from augment_ray.rows import live_mask, reject_rows, set_column
+from augment_ray.rows import live_mask, reject_rows, require_columns, set_column
 from augment_ray.steps.auto_filter import (
     ConfidenceThresholdSpec,
     Threshold,
@@ -36,7 +36,6 @@ from augment_ray.steps.engine_pool import (
     pool_cpus,
     prepare_engine,
 )
-from augment_ray.steps.score import judged_text, require_columns
 from augment_ray.tasks import judge
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ class CorrectRunner(EngineActor):
         for index, alive in enumerate(live):
             if alive and index not in missing:
                 columns[f"{self.step}_corrected"][index] = False
-        prompts = [judge.answer_prompt(judged_text(rows[i], spec.instruction_column))
+        prompts = [judge.answer_prompt(judge.judged_text(rows[i], spec.instruction_column))
                    for i in wanted]
         results = generate_grouped(self.engine, [(p, self.sampling) for p in prompts])
         for index, result in zip(wanted, results, strict=True):
@@ -155,7 +154,7 @@ class CorrectRunner(EngineActor):
                   if c is not None and live[i] and i not in failures]
         requests = []
         for index in wanted:
-            question = judged_text(rows[index], spec.instruction_column)
+            question = judge.judged_text(rows[index], spec.instruction_column)
             original = str(rows[index].get(spec.response_column) or "")
             requests.append(judge.compare_prompt(question, original, candidates[index]))
             if spec.both_orders:

@@ -18,9 +18,8 @@ import ray.data
 from pydantic import Field
 
 from augment_ray.config.steps import StepSpec
-from augment_ray.errors import InputDataError
 from augment_ray.kinds import step_kind
-from augment_ray.rows import live_mask, reject_rows
+from augment_ray.rows import live_mask, reject_rows, require_columns
 from augment_ray.steps.base import Step
 
 log = logging.getLogger(__name__)
@@ -72,11 +71,8 @@ class Threshold:
 
 
 def _confidence(batch: pa.Table, column: str, step: str) -> pa.ChunkedArray:
-    if column not in batch.column_names:
-        raise InputDataError(
-            f"Step {step!r} reads the confidence from column {column!r}, which the rows do not "
-            "have; put a `score` step before it or set `confidence_column`."
-        )
+    require_columns(batch, step, [column],
+                    "put a `score` step before it or set `confidence_column`")
     return batch[column]
 
 

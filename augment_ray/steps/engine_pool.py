@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray.data
 
 from augment_ray.config.base import EngineSpec, SamplingParams
 from augment_ray.engines.base import (
+    Completion,
     GenerationFailure,
     Messages,
     Result,
@@ -20,12 +21,15 @@ from augment_ray.engines.base import (
     engine_class,
 )
 from augment_ray.io.journal import GenerationJournal
+from augment_ray.progress import quiet_model_loading
 
 log = logging.getLogger(__name__)
 
 # several engine batches per call, so length-sorting has rows to group
 ROWS_PER_CALL_FACTOR = 4
 
+# called by an engine after each generated sub-batch: (prompts finished, completion tokens)
+Progress = Callable[[int, int], None]
 
 
 def log_to_driver() -> None:
@@ -49,18 +53,39 @@ class GuardedEngine:
         self.journal = journal
         self.model_name = engine.model_name
 
-    def _generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Result]:
+    def _generate(self, prompts: list[Messages], sampling: SamplingParams,
+                  progress: Progress | None = None) -> list[Result]:
+        # engines with natural sub-batches (transformers) report each; others once per call
+        per_batch = progress is not None and getattr(self.engine, "reports_progress", False)
         try:
-            return self.engine.generate(prompts, sampling)
+            if per_batch:
+                results = self.engine.generate(prompts, sampling, progress=progress)
+            else:
+                results = self.engine.generate(prompts, sampling)
         except Exception as error:  # any engine bug becomes rejected rows
             log.exception("engine call of %d prompts failed", len(prompts))
             detail = f"{type(error).__name__}: {error}"[:500]
-            return [GenerationFailure("engine_error", detail)] * len(prompts)
+            results = [GenerationFailure("engine_error", detail)] * len(prompts)
+        if progress is not None and not per_batch:
+            progress(len(prompts), sum(r.completion_tokens for r in results
+                                       if isinstance(r, Completion)))
+        return results
 
-    def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Result]:
+    def generate(self, prompts: list[Messages], sampling: SamplingParams,
+                 progress: Progress | None = None) -> list[Result]:
+        """`progress` (optional, must not raise) hears of every finished sub-batch."""
         if self.journal is None:
-            return self._generate(prompts, sampling)
-        return self.journal.generate(self._generate, prompts, sampling)
+            return self._generate(prompts, sampling, progress)
+        fresh = [0]
+
+        def generate_fresh(todo: list[Messages], params: SamplingParams) -> list[Result]:
+            fresh[0] = len(todo)
+            return self._generate(todo, params, progress)
+
+        results = self.journal.generate(generate_fresh, prompts, sampling)
+        if progress is not None and len(prompts) > fresh[0]:
+            progress(len(prompts) - fresh[0], 0)  # answers replayed from the journal
+        return results
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":  # not set yet (e.g. while unpickling): no recursion
@@ -75,6 +100,8 @@ class EngineActor:
     def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None
                  ) -> None:
         log_to_driver()
+        if engine_spec.kind == "transformers":
+            quiet_model_loading()
         self.engine = GuardedEngine(build_engine(engine_spec), journal)
 
 

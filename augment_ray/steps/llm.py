@@ -19,6 +19,7 @@ from augment_ray.config.base import EngineSpec, SamplingParams
 from augment_ray.engines.base import describe_engine
 from augment_ray.errors import JobSpecError
 from augment_ray.io.journal import GenerationJournal
+from augment_ray.progress import CallProgress, current_board, input_rows
 from augment_ray.rows import CANONICAL_TEXT, reject_rows
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
@@ -47,23 +48,29 @@ log = logging.getLogger(__name__)
 class LLMTaskRunner(EngineActor):
     """Ray Data actor UDF: loads the engine once, then answers one batch of rows per call."""
 
+    progress_board: Any = None  # a ProgressBoard: told how far each call has got, as it runs
+
     def __init__(
         self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
         sampling: SamplingParams, options: RunOptions, journal: GenerationJournal | None = None,
+        progress_board: Any = None,
     ) -> None:
         super().__init__(engine_spec, journal)
         self.step = step
         self.task = task
         self.options = options
+        self.progress_board = progress_board
         self.out = GenerationRows(step, engine_name, self.engine.model_name, task, sampling)
 
-    def _generate(self, rows: dict[int, dict], generations: list[Generation]) -> None:
+    def _generate(self, rows: dict[int, dict], generations: list[Generation],
+                  progress: CallProgress | None = None) -> None:
         pending = generations
         for attempt in range(self.options.max_retries + 1):
             if not pending:
                 break
             results = self.engine.generate([g.messages for g in pending],
-                                           self.out.sampling_for(attempt))
+                                           self.out.sampling_for(attempt),
+                                           **({"progress": progress} if progress else {}))
             retry = []
             for generation, result in zip(pending, results, strict=True):
                 generation.attempts = attempt + 1
@@ -75,9 +82,19 @@ class LLMTaskRunner(EngineActor):
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = live_rows(table)
         generations, unpromptable = prompt_rows(self.task, rows)
+        progress = None if self.progress_board is None else CallProgress(
+            self.progress_board, self.step, input_rows(table), len(generations))
         started = time.perf_counter()
-        self._generate(rows, generations)
+        try:
+            self._generate(rows, generations, progress)
+        except BaseException:
+            if progress:
+                progress.dropped()
+            raise
         log_generation(self.step, len(rows), generations, time.perf_counter() - started)
+        if progress:  # its share of rows was provisional: the count after the step replaces it
+            progress.finished(sum(g.completion.completion_tokens for g in generations
+                                  if g.completion))
         if not self.task.generates_rows:
             return self.out.annotated(table, generations, unpromptable)
         failures = dict(unpromptable)
@@ -149,6 +166,7 @@ class LLMStep(Step):
             "task": self.task,
             "sampling": self.sampling,
             "options": self.options,
+            "progress_board": current_board(),
         }, **self.pool_options())
 
     @property

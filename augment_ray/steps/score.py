@@ -24,10 +24,9 @@ from augment_ray.config.base import (
 from augment_ray.config.steps import EngineStepSpec
 from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
 from augment_ray.engines.base import Completion, describe_engine
-from augment_ray.errors import InputDataError
 from augment_ray.io.journal import GenerationJournal
 from augment_ray.kinds import step_kind
-from augment_ray.rows import live_mask, reject_rows, set_column
+from augment_ray.rows import live_mask, reject_rows, require_columns, set_column
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
     EngineActor,
@@ -53,22 +52,6 @@ def score_columns(step: str, methods: list[str]) -> dict[str, pa.DataType]:
         f"{step}_prompt_tokens": pa.int64(),
         f"{step}_completion_tokens": pa.int64(),
     }
-
-
-def judged_text(row: dict[str, Any], instruction_column: str) -> str:
-    """The question a judge sees: the instruction, plus the row's input when it has one."""
-    question = str(row.get(instruction_column) or "")
-    context = row.get("input")
-    return f"{question}\n\n{context}" if context else question
-
-
-def require_columns(table: pa.Table, step: str, columns: list[str]) -> None:
-    for name in columns:
-        if name not in table.column_names:
-            raise InputDataError(
-                f"Step {step!r} needs column {name!r}, which the rows do not have "
-                f"(columns: {', '.join(table.column_names)})."
-            )
 
 
 ScoreMethod = Literal["p_yes", "self_reflection", "consistency", "rubric"]
@@ -263,7 +246,7 @@ class ScoreRunner(EngineActor):
             if response is None or not str(response).strip():
                 failures[index] = ("missing_response", f"{spec.response_column} is empty")
                 continue
-            questions[index] = judged_text(row, spec.instruction_column)
+            questions[index] = judge.judged_text(row, spec.instruction_column)
             responses[index] = str(response)
 
         started = time.perf_counter()

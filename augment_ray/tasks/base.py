@@ -8,6 +8,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Protocol
 
+from augment_ray.curate.words import han_share
 from augment_ray.engines.base import Messages
 
 Row = dict[str, Any]
@@ -54,16 +55,10 @@ def load_template(task: str, version: str, language: str) -> Template:
     return Template(name=name, text=text.strip())
 
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LETTER = re.compile(r"[^\W\d_]")
-
-
 def detect_language(text: str) -> str:
-    """'zh' when most letters are CJK ideographs, else 'en'. Enough to pick a prompt template."""
-    letters = len(_LETTER.findall(text))
-    if letters == 0:
-        return "en"
-    return "zh" if len(_CJK.findall(text)) / letters > 0.3 else "en"
+    """'zh' when over 30% of the letters are Han ideographs (curate.words.HAN), else 'en'.
+    Enough to pick a prompt template."""
+    return "zh" if han_share(text) > 0.3 else "en"
 
 
 def extract_tagged(text: str, tag: str) -> str | None:

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from augment_ray.config.base import SamplingParams
 from augment_ray.config.steps import PAIStepSpec
+from augment_ray.curate.text import fold_str
 from augment_ray.errors import JobSpecError
 from augment_ray.kinds import step_kind
 from augment_ray.steps.llm import LLMStep
@@ -28,10 +29,6 @@ NATIVE_EXPAND_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-exp\b", re.IGNORECAS
 
 def is_native_expand_model(model: str) -> bool:
     return bool(NATIVE_EXPAND_MODEL.search(model))
-
-
-def _normalized(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 class ExpandTask:
@@ -75,7 +72,7 @@ class ExpandTask:
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         answer = answer_text(text, self.TAG, self.native)
-        if _normalized(answer) == _normalized(row["instruction"]):
+        if fold_str(answer) == fold_str(row["instruction"]):
             raise ParseFailure("copy_of_seed", answer[:500])
         return {"instruction": answer}
 

@@ -10,7 +10,7 @@ import json
 import math
 import re
 
-from augment_ray.tasks.base import Messages, detect_language, load_template
+from augment_ray.tasks.base import Messages, Row, detect_language, load_template
 
 JUDGE_TEMPLATES = {
     "p_yes": "judge_yes_no.v1",
@@ -32,6 +32,14 @@ RUBRIC_SCHEMA = {
 
 YES_TOKENS = frozenset({"yes", "y", "true", "是", "是的", "对", "正确"})
 NO_TOKENS = frozenset({"no", "n", "false", "否", "不", "不是", "错误"})
+
+
+def judged_text(row: Row, instruction_column: str = "instruction") -> str:
+    """The question a row asks (what a judge or a student answers): the instruction, plus the
+    row's input when it has one."""
+    question = str(row.get(instruction_column) or "")
+    context = row.get("input")
+    return f"{question}\n\n{context}" if context else question
 
 
 def _user(content: str) -> Messages:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from augment_ray.curate.confidence import final_number
+from augment_ray.curate.text import fold_str
 from augment_ray.tasks.base import (
     Messages,
     ParseFailure,
@@ -14,27 +15,23 @@ from augment_ray.tasks.base import (
     extract_tagged,
     load_template,
 )
-from augment_ray.tasks.judge import answer_prompt, yes_no_answer
+from augment_ray.tasks.judge import answer_prompt, judged_text, yes_no_answer
 
 PREDICTION = "student_prediction"
 JUDGE_VERDICT = "judge_verdict"
 
 
-def _normalized(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def find_label(text: str, labels: list[str]) -> str | None:
     """The allowed label a text names: the whole text, else the first label that appears in
     it as a word (longer labels first, so 'not spam' wins over 'spam')."""
-    folded = _normalized(text).strip(" .!\"'`*")
+    folded = fold_str(text).strip(" .!\"'`*")
     by_length = sorted(labels, key=len, reverse=True)
     for label in by_length:
-        if folded == _normalized(label):
+        if folded == fold_str(label):
             return label
     hits = []
     for label in by_length:
-        match = re.search(rf"(?<!\w){re.escape(_normalized(label))}(?!\w)", folded)
+        match = re.search(rf"(?<!\w){re.escape(fold_str(label))}(?!\w)", folded)
         if match:
             hits.append((match.start(), label))
     return min(hits)[1] if hits else None
@@ -66,10 +63,7 @@ class PredictTask:
     output_columns = (PREDICTION,)
 
     def prompts(self, row: Row) -> list[Messages]:
-        question = row["instruction"]
-        if row.get("input"):
-            question = f"{question}\n\n{row['input']}"
-        return [answer_prompt(question)]
+        return [answer_prompt(judged_text(row))]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         return {PREDICTION: text.strip()}
@@ -128,7 +122,7 @@ class TeacherTask:
         if self.task == "math":
             answer = _FINAL_LINE_END.sub(r"\1", answer)  # drop chatter after '#### N'
 
-        if _normalized(question) == _normalized(row["instruction"]):
+        if fold_str(question) == fold_str(row["instruction"]):
             raise ParseFailure("copy_of_seed", question[:500])
         if self.task == "math":
             if "####" not in answer or final_number(answer.split("####")[-1]) is None:
