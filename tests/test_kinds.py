@@ -172,3 +172,14 @@ def test_no_module_is_over_500_lines() -> None:
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / "augment_ray").rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
     assert not long, f"modules over 500 lines (split them by owner): {long}"
+
+
+def test_the_reference_command_checks_the_docs_as_documented() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "augment_ray.reference", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "up to date: STEPS.md, ENGINES.md"
+    assert "Traceback" not in done.stderr
