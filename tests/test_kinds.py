@@ -73,6 +73,12 @@ def test_every_engine_kind_has_a_docs_section_with_its_fields(kind: str) -> None
     assert kind in _documented(ENGINES_DOC, "engine:")
 
 
+def test_the_readme_links_every_step_kind() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [kind for kind in KINDS if f"(docs/STEPS.md#{kind})" not in readme]
+    assert not missing, f"README.md's step list lacks {missing}"
+
+
 def test_every_documented_kind_is_registered() -> None:
     assert _documented(STEPS_DOC) <= set(KINDS)
     assert _documented(ENGINES_DOC, "engine:") <= set(ENGINES)
