@@ -8,7 +8,7 @@ import pyarrow as pa
 from augment_ray.config.base import SamplingParams
 from augment_ray.engines.base import Completion
 from augment_ray.rows import derived_id
-from augment_ray.steps.generation import GenerationRows, RunOptions
+from augment_ray.steps.generation import Generation, GenerationRows, RunOptions
 from augment_ray.steps.llm import LLMTaskRunner
 from augment_ray.tasks.expand import ExpandTask
 from augment_ray.tasks.respond import RespondTask
@@ -108,3 +108,17 @@ def test_respond_keeps_the_old_response_and_rejects_truncated_answers():
     assert (out["reject_step"], out["reject_reason"]) == ("s", "truncated")
     assert out["reject_detail"] == "The capital of Fra"
     assert out["output"] == "old"  # a rejected answer never replaces the row's text
+
+
+def test_new_rows_fit_a_block_whose_lineage_column_ray_typed_null():
+    # a block in which no row had a parent yet: Ray Data infers the column's type as null
+    out = GenerationRows("expand", "v", "m", ExpandTask(False, 1), SamplingParams())
+    seeds = pa.table({"id": ["a"], "source_id": ["a"], "origin_step": ["input"],
+                      "instruction": ["Write a poem."], "expand_parent_id": pa.nulls(1)})
+    seeds = out.with_new_columns(seeds)
+    assert seeds.schema.field("expand_parent_id").type == pa.string()
+    generation = Generation(0, 0, [], attempts=1,
+                            completion=Completion("Write a haiku.", 3, 4, "stop"),
+                            values={"instruction": "Write a haiku."})
+    table = out.with_new_rows(seeds, {0: seeds.to_pylist()[0]}, [generation])
+    assert table["expand_parent_id"].to_pylist() == [None, "a"]

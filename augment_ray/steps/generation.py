@@ -158,6 +158,10 @@ class GenerationRows:
         for name, kind in new_kinds.items():
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(len(table), kind))
+            elif pa.types.is_null(table.schema.field(name).type):
+                # a block in which no row had a value yet (Ray Data infers type null): the new
+                # rows' values would not fit it
+                table = set_column(table, name, pa.nulls(len(table), kind))
         return table
 
     def with_new_rows(self, seeds: pa.Table, rows: dict[int, dict],
