@@ -290,7 +290,8 @@ def submit(job_file: str, address: str | None, ds: str | None, wait: bool, worki
 @main.command()
 @click.argument("output_uri")
 def summary(output_uri: str) -> None:
-    """Print the summary of the finished run at OUTPUT_URI (local path, s3:// or oss://)."""
+    """Print the summary of the finished run at OUTPUT_URI (a local path, or s3:// with the
+    default AWS endpoint and credential chain)."""
     from augment_ray.io.committed import SUMMARY, read_json, require_committed
     from augment_ray.storage import location
     from augment_ray.summary import format_summary
@@ -318,8 +319,9 @@ def summary(output_uri: str) -> None:
 @click.option("--force", is_flag=True, help="Overwrite --to if it exists.")
 def export(output_uri: str, fmt: str, to: str, system: str | None, instruction_column: str,
            force: bool) -> None:
-    """Write the finished run at OUTPUT_URI (local path, s3:// or oss://) as JSONL training
-    examples. Only data/ is exported (never _rejects/); rows without a response are skipped."""
+    """Write the finished run at OUTPUT_URI (a local path, or s3:// with the default AWS
+    endpoint and credential chain) as JSONL training examples. Only data/ is exported (never
+    _rejects/); rows without a response are skipped."""
     from pathlib import Path
 
     from augment_ray.export import export as export_run
@@ -343,8 +345,9 @@ def export(output_uri: str, fmt: str, to: str, system: str | None, instruction_c
               help="Local folder for report.html and report.md; default: OUTPUT_URI/_report/.")
 def report(output_uri: str, to: str | None) -> None:
     """Write an HTML report (inline charts, works offline) and a Markdown summary of the
-    finished run at OUTPUT_URI (local path, s3:// or oss://): rows per step, rejections,
-    lengths before/after, scores, duplicate clusters, labels, sample rows, tokens."""
+    finished run at OUTPUT_URI (a local path, or s3:// with the default AWS endpoint and
+    credential chain): rows per step, rejections, lengths before/after, scores, duplicate
+    clusters, labels, sample rows, tokens."""
     from pathlib import Path
 
     from augment_ray.report import write_report

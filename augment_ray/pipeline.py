@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 _STARTED_LOCAL_RAY = True  # False once we join a cluster someone else runs
 
 
+def _not_token_auth_default_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
 def connect_ray(address: str | None) -> None:
     """Join the cluster named by --ray-address or RAY_ADDRESS (set by `ray job submit`), or start
     a private local one. Never attaches to a stray local cluster by accident."""
@@ -71,6 +75,10 @@ def connect_ray(address: str | None) -> None:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if address == "local":
         kwargs["include_dashboard"] = False
+        # Ray tells every new local cluster that token auth is on by default: true, and noise
+        # on every run of ours (the private cluster stays on loopback with auth on)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _not_token_auth_default_notice)
     global _STARTED_LOCAL_RAY
     _STARTED_LOCAL_RAY = address == "local"
     ray.init(**kwargs)

@@ -408,7 +408,9 @@ def test_next_commands_name_the_run_output_and_real_arguments():
 # what Ray Data prints when its progress is on (seen with `augment-ray run --debug`)
 RAY_DATA_NOISE = ("Running Dataset", "Total Progress", "logging_progress", "Execution plan of",
                   "Starting execution of Dataset", "execution finished in", "Data sink",
-                  "Progress bars disabled", "Active & requested resources")
+                  "Progress bars disabled", "Active & requested resources",
+                  # Ray's notice that a new local cluster has token auth on by default
+                  "Token authentication is enabled")
 
 
 @pytest.mark.integration
