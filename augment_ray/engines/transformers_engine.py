@@ -14,6 +14,7 @@ from augment_ray.config.base import EngineSpec, SamplingParams
 from augment_ray.engines.base import Completion, Engine, GenerationFailure, Messages
 from augment_ray.engines.model_files import model_display_name, resolve_model_dir
 from augment_ray.kinds import engine_kind
+from augment_ray.progress import quiet_model_loading
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class TransformersEngine(Engine):
     def __init__(self, spec: TransformersEngineSpec) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        quiet_model_loading()  # no 'Loading weights' bar per actor on the driver's terminal
 
         self.spec = spec
         self.model_name = model_display_name(spec.model)

@@ -21,7 +21,6 @@ from augment_ray.engines.base import (
     engine_class,
 )
 from augment_ray.io.journal import GenerationJournal
-from augment_ray.progress import quiet_model_loading
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,6 @@ class EngineActor:
     def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None
                  ) -> None:
         log_to_driver()
-        if engine_spec.kind == "transformers":
-            quiet_model_loading()
         self.engine = GuardedEngine(build_engine(engine_spec), journal)
 
 
