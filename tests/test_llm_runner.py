@@ -122,3 +122,17 @@ def test_new_rows_fit_a_block_whose_lineage_column_ray_typed_null():
                             values={"instruction": "Write a haiku."})
     table = out.with_new_rows(seeds, {0: seeds.to_pylist()[0]}, [generation])
     assert table["expand_parent_id"].to_pylist() == [None, "a"]
+
+
+def test_a_rejected_new_row_fits_a_block_whose_reject_columns_ray_typed_null():
+    # a block in which no row was rejected yet: its reject columns have type null
+    out = GenerationRows("expand", "v", "m", ExpandTask(False, 1), SamplingParams())
+    seeds = pa.table({"id": ["a"], "source_id": ["a"], "origin_step": ["input"],
+                      "instruction": ["Write a poem."], "reject_step": pa.nulls(1),
+                      "reject_reason": pa.nulls(1), "reject_detail": pa.nulls(1)})
+    seeds = out.with_new_columns(seeds)
+    generation = Generation(0, 0, [], attempts=3, failure=("unparseable", "Sure! Here"))
+    table = out.with_new_rows(seeds, {0: seeds.to_pylist()[0]}, [generation])
+    assert table["reject_reason"].to_pylist() == [None, "unparseable"]
+    assert table["reject_detail"].to_pylist() == [None, "Sure! Here"]
+    assert table.schema.field("reject_step").type == pa.string()

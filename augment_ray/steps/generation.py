@@ -187,7 +187,19 @@ class GenerationRows:
             created.append(row)
         if not created:
             return seeds
+        seeds = typed_from_values(seeds, created)
         return pa.concat_tables([seeds, pa.Table.from_pylist(created, schema=seeds.schema)])
+
+
+def typed_from_values(table: pa.Table, rows: list[dict]) -> pa.Table:
+    """`table` with each column Ray Data typed null (no value in this block yet) given the
+    type of its values in `rows`, so that `rows` fit the table's schema."""
+    for field in table.schema:
+        if pa.types.is_null(field.type):
+            kind = pa.array([row.get(field.name) for row in rows]).type
+            if not pa.types.is_null(kind):
+                table = set_column(table, field.name, pa.nulls(len(table), kind))
+    return table
 
 
 def prompt_rows(task: LLMTask, rows: dict[int, dict]
