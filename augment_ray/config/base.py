@@ -4,7 +4,7 @@ options, sampling parameters, text folding options and the base of every engine 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -107,8 +107,12 @@ class EngineSpec(Spec):
     (engines/<kind>_engine.py) and registers both there."""
 
     # Every kind declares `kind` (a one-value Literal), `model`, `replicas`, `num_cpus`,
-    # `num_gpus` (a field or a property) and `sampling: SamplingParams`, in its own field order
-    # (the docs list them in that order), so none are declared here.
+    # `num_gpus` (a field or a property) and, a chat engine, `sampling: SamplingParams`, in its
+    # own field order (the docs list them in that order), so none are declared here.
+
+    # what the engine does: "chat" (answers prompts) or "embedding" (turns texts into vectors);
+    # a step's engine fields name the role they need
+    role: ClassVar[str] = "chat"
 
     @property
     def uses_ray_data_llm(self) -> bool:

@@ -32,11 +32,25 @@ class ReliabilitySpec(Spec):
         "it gets fails the run (nothing is committed); a step's own max_reject_share overrides it")
 
 
+class ReportSpec(Spec):
+    """What the run measures for its summary and report, beside the rows (no effect on them)."""
+
+    diversity_sample: int = Field(
+        256, ge=0, description="texts per side (a generating step's inputs, its kept outputs) "
+        "embedded on the driver after the write for the summary's diversity figures (mean "
+        "pairwise cosine distance, Vendi score); a seeded sample; 0 turns it off")
+
+
 class JobSpec(Spec):
     name: str = Field("augment", description="a short name for logs and submission ids")
     input: InputSpec
     output: OutputSpec
     reliability: ReliabilitySpec = Field(default_factory=ReliabilitySpec)
+    # exclude: not part of the job digest (what the job computes), so changing it neither makes
+    # a committed date "another job" nor stops an unfinished attempt from resuming
+    report: ReportSpec = Field(
+        default_factory=ReportSpec, exclude=True,
+        description="summary and report measurements (not part of the job digest)")
     engines: dict[str, AnyEngineSpec] = Field(default_factory=dict)
     steps: list[AnyStepSpec] = Field(default_factory=list)
 
@@ -50,17 +64,27 @@ class JobSpec(Spec):
                     "give one of them a distinct `name`"
                 )
             names.add(step.step_name)
-            for field_name in step.engine_fields:
+            for field_name, role in step.engine_fields.items():
                 check_engine_reference(f"steps[{index}].{field_name}",
-                                       getattr(step, field_name), self.engines)
+                                       getattr(step, field_name), self.engines, role)
         return self
 
 
-def check_engine_reference(where: str, name: str | None, engines: dict[str, Any]) -> None:
-    """A ValueError (reported against the job) when `name` is not one of `engines`."""
-    if name is not None and name not in engines:
+def check_engine_reference(where: str, name: str | None, engines: dict[str, Any],
+                           role: str = "chat") -> None:
+    """A ValueError (reported against the job) when `name` is not one of `engines`, or is an
+    engine of another role (an embedding model named where a chat model must answer)."""
+    if name is None:
+        return
+    if name not in engines:
         known = ", ".join(sorted(engines)) or "none are defined"
         raise ValueError(f"{where}: {name!r} is not an engine defined in `engines` ({known})")
+    if engines[name].role != role:
+        fitting = ", ".join(sorted(n for n, e in engines.items() if e.role == role))
+        raise ValueError(
+            f"{where}: engine {name!r} is a {engines[name].role} engine (kind "
+            f"{engines[name].kind}); this needs a {role} engine"
+            + (f" ({fitting})" if fitting else ""))
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -15,8 +15,9 @@ STEP_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class StepSpec(Spec):
-    # the fields that name an entry of the job's `engines` (checked when the job is loaded)
-    engine_fields: ClassVar[tuple[str, ...]] = ()
+    # the fields that name an entry of the job's `engines`, with the role that engine must have
+    # ("chat" or "embedding"; checked when the job is loaded)
+    engine_fields: ClassVar[dict[str, str]] = {}
 
     kind: str
     name: str | None = Field(None, description="column prefix and report name; default: kind")
@@ -40,7 +41,7 @@ class StepSpec(Spec):
 class EngineStepSpec(StepSpec):
     """A step that runs a model from `engines`."""
 
-    engine_fields: ClassVar[tuple[str, ...]] = ("engine",)
+    engine_fields: ClassVar[dict[str, str]] = {"engine": "chat"}
 
     engine: str = Field(description="name of an entry in `engines`")
     sampling: SamplingOverrides | None = Field(
@@ -54,6 +55,20 @@ class LLMStepSpec(EngineStepSpec):
     reject_truncated: bool = Field(
         False, description="reject answers cut off by max_tokens instead of keeping them"
     )
+
+
+class CheckedStepSpec(Spec):
+    """A generating step whose answers are checked before they are kept (validate/checks.py);
+    each kind declares its own `checks` field beside it."""
+
+    engine_fields: ClassVar[dict[str, str]] = {"engine": "chat", "embedder": "embedding"}
+
+    embedder: str | None = Field(
+        None, description="an embedding engine of `engines` for the checks' cosines; default: "
+        "the bundled all-MiniLM-L6-v2, loaded inside each of the step's actors")
+    retry_invalid: bool = Field(
+        False, description="generate again (as for an unparsable answer, up to max_retries) "
+        "when a check rejects an answer, instead of rejecting the row at once")
 
 
 class PAIStepSpec(LLMStepSpec):

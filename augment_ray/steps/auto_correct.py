@@ -78,7 +78,7 @@ class AutoCorrectStepSpec(ConfidenceThresholdSpec):
     only when that confidence is >= eta, else the row is rejected (not_corrected). The original
     response is kept in `<name>_original_output`."""
 
-    engine_fields: ClassVar[tuple[str, ...]] = ("engine", "judge")
+    engine_fields: ClassVar[dict[str, str]] = {"engine": "chat", "judge": "chat"}
 
     kind: Literal["auto_correct"]
     engine: str = Field(description="engine that writes candidate responses")

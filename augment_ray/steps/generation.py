@@ -6,6 +6,7 @@ retries' sampling, and the output rows with their lineage columns.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -27,6 +28,7 @@ from augment_ray.rows import (
     set_column,
 )
 from augment_ray.tasks.base import LLMTask, ParseFailure
+from augment_ray.validate.checks import Embed
 
 # a greedy retry would repeat the same answer: retries sample at least this warm
 RETRY_MIN_TEMPERATURE = 0.7
@@ -55,6 +57,7 @@ class RunOptions:
     max_retries: int = 2
     reject_truncated: bool = False
     keep_seeds: bool = True
+    retry_invalid: bool = False  # an answer a check rejects is generated again
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Generation:
     completion: Completion | None = None
     values: dict[str, str] | None = None
     failure: tuple[str, str] | None = None
+    checked: bool = False  # its values passed the task's checks
 
 
 class GenerationRows:
@@ -114,6 +118,33 @@ class GenerationRows:
         except Exception as error:  # a parser bug rejects the row, not the run
             generation.failure = ("parse_error", f"{type(error).__name__}: {error}"[:500])
         return False
+
+    def check(self, rows: Mapping[int, dict] | list[dict], generations: list[Generation],
+              embed: Embed | None) -> list[Generation]:
+        """Run the task's checks (validate/checks.py) on the answers parsed since the last
+        call; one that fails gets the check's reason as its failure. Returns those that failed.
+        Answers checked earlier stay in the batch as siblings to compare with."""
+        fresh = [g for g in generations if g.values is not None and g.failure is None
+                 and not g.checked]
+        if not fresh or getattr(self.task, "checks", None) is None:
+            return []
+        judged = [g for g in generations if g.checked] + fresh
+        # siblings: the answers of one seed row (by id: on ray.data.llm each has its own row)
+        entries = [(rows[g.row], g.values, rows[g.row].get(ID), g.checked) for g in judged]
+        try:
+            verdicts = self.task.check(entries, embed)
+        except Exception as error:  # a checker bug rejects the rows, not the run
+            verdicts = [("check_error", f"{type(error).__name__}: {error}"[:500])] * len(judged)
+        failed = []
+        for generation, verdict in zip(judged, verdicts, strict=True):
+            if generation.checked:
+                continue
+            if verdict is None:
+                generation.checked = True
+            else:
+                generation.values, generation.failure = None, verdict
+                failed.append(generation)
+        return failed
 
     def lineage(self, generation: Generation) -> dict[str, Any]:
         completion = generation.completion

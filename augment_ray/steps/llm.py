@@ -17,6 +17,7 @@ import ray.data
 
 from augment_ray.config.base import EngineSpec, SamplingParams
 from augment_ray.engines.base import describe_engine
+from augment_ray.engines.embedding_engine import EmbeddingEngineSpec
 from augment_ray.errors import JobSpecError
 from augment_ray.io.journal import GenerationJournal
 from augment_ray.progress import CallProgress, current_board, input_rows
@@ -38,6 +39,8 @@ from augment_ray.steps.generation import (
 )
 from augment_ray.steps.ray_data_llm import apply_with_ray_data_llm
 from augment_ray.tasks.base import LLMTask
+from augment_ray.validate.checks import Embed
+from augment_ray.validate.embedder import process_embedder
 
 if TYPE_CHECKING:
     from augment_ray.config.job import JobSpec
@@ -49,11 +52,12 @@ class LLMTaskRunner(EngineActor):
     """Ray Data actor UDF: loads the engine once, then answers one batch of rows per call."""
 
     progress_board: Any = None  # a ProgressBoard: told how far each call has got, as it runs
+    embed: Embed | None = None  # the checks' embedder, when a check compares embeddings
 
     def __init__(
         self, step: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
         sampling: SamplingParams, options: RunOptions, journal: GenerationJournal | None = None,
-        progress_board: Any = None,
+        progress_board: Any = None, embedder_spec: EmbeddingEngineSpec | None = None,
     ) -> None:
         super().__init__(engine_spec, journal)
         self.step = step
@@ -61,6 +65,7 @@ class LLMTaskRunner(EngineActor):
         self.options = options
         self.progress_board = progress_board
         self.out = GenerationRows(step, engine_name, self.engine.model_name, task, sampling)
+        self.embed = process_embedder(embedder_spec) if embedder_spec else None
 
     def _generate(self, rows: dict[int, dict], generations: list[Generation],
                   progress: CallProgress | None = None) -> None:
@@ -77,6 +82,9 @@ class LLMTaskRunner(EngineActor):
                 if self.out.parse(rows[generation.row], generation, result,
                                   self.options.reject_truncated):
                     retry.append(generation)
+            invalid = self.out.check(rows, generations, self.embed)
+            if self.options.retry_invalid:
+                retry += invalid
             pending = retry
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -119,8 +127,10 @@ class LLMStep(Step):
     def __init__(
         self, name: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
         sampling: SamplingParams, options: RunOptions | None = None, kind: str | None = None,
+        embedder_spec: EmbeddingEngineSpec | None = None,
     ) -> None:
         self.name = name
+        self.embedder_spec = embedder_spec  # for checks that compare embeddings
         if kind is not None:  # a loop's own roles (student, teacher) are not registered kinds
             self.kind = kind
         self.engine_name = engine_name
@@ -144,17 +154,23 @@ class LLMStep(Step):
                 f"Step {spec.step_name!r}: n: {n} with temperature 0 would give {n} copies "
                 "of one answer; set steps[].sampling.temperature (e.g. 0.8)."
             )
+        task = cls.make_task(spec, job, sampling)
+        checks = getattr(task, "checks", None)
+        embedder = getattr(spec, "embedder", None)
         return cls(
             name=spec.step_name,
             engine_name=spec.engine,
             engine_spec=engine,
-            task=cls.make_task(spec, job, sampling),
+            task=task,
             sampling=sampling,
             options=RunOptions(
                 max_retries=spec.max_retries,
                 reject_truncated=spec.reject_truncated,
                 keep_seeds=getattr(spec, "keep_seeds", True),
+                retry_invalid=getattr(spec, "retry_invalid", False),
             ),
+            embedder_spec=(job.engines[embedder] if embedder else EmbeddingEngineSpec())
+            if checks is not None and checks.needs_embeddings else None,
         )
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -167,6 +183,7 @@ class LLMStep(Step):
             "sampling": self.sampling,
             "options": self.options,
             "progress_board": current_board(),
+            "embedder_spec": self.embedder_spec,
         }, **self.pool_options())
 
     @property
@@ -175,6 +192,8 @@ class LLMStep(Step):
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)
+        if self.embedder_spec is not None:
+            prepare_engine(self.embedder_spec)
 
     def output_columns(self) -> list[str]:
         # canonical columns (a new row's instruction, a response) are the step's to write
@@ -192,4 +211,29 @@ class LLMStep(Step):
             "sampling": self.sampling.model_dump(),
             # the processor answers each prompt once (see steps/ray_data_llm.py)
             "max_retries": 0 if self.runs_on_ray_data_llm else self.options.max_retries,
+            **diversity_columns(self.task),
+            **checks_summary(self.task, self.embedder_spec),
         }
+
+
+def checks_summary(task: LLMTask, embedder: EmbeddingEngineSpec | None) -> dict[str, Any]:
+    """The summary's `checks` key, {reason: threshold, or true} of the checks that are on, and
+    the embedder their cosines came from."""
+    checks = getattr(task, "checks", None)
+    if checks is None:
+        return {}
+    described = checks.describe()
+    summary: dict[str, Any] = {"checks": described}
+    if embedder is not None and described:
+        summary["checks_embedder"] = describe_engine("embedder", embedder)["model"]
+    return summary
+
+
+def diversity_columns(task: LLMTask) -> dict[str, Any]:
+    """The summary's `diversity` key: which column holds what the step got and what it wrote,
+    and whether what it wrote is new rows (expand) or a column of the same rows (refine)."""
+    columns = getattr(task, "diversity_columns", None)
+    if columns is None:
+        return {}
+    return {"diversity": {"input": columns[0], "output": columns[1],
+                          "new_rows": task.generates_rows}}

@@ -9,8 +9,10 @@ not asked anything (rejected earlier, cannot be prompted, a seed kept beside its
 carries ray.data.llm's `__inference_error__` marker, which makes every stage pass it through
 untouched. The row itself rides along packed in one struct column, whatever its schema.
 
-The processor answers each request once: an answer that cannot be parsed is rejected with its
-text (the engine-pool execution regenerates it up to `max_retries` times instead).
+The processor answers each request once: an answer that cannot be parsed or fails the step's
+checks is rejected with its text (the engine-pool execution regenerates an unparsable one up to
+`max_retries` times instead). The checks' embedder loads once per worker process of the output
+stage.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from augment_ray.engines.vllm_engine import (
 from augment_ray.io.journal import GenerationJournal, request_key
 from augment_ray.rows import ID, reject_rows
 from augment_ray.steps.generation import Generation, GenerationRows, live_rows, prompt_rows
+from augment_ray.validate.embedder import process_embedder
 
 if TYPE_CHECKING:
     from augment_ray.steps.llm import LLMStep
@@ -182,6 +185,8 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str,
             fresh.append((keys[index], result))
         out.parse(row_dicts[index], generation, result, step.options.reject_truncated)
         generations.append(generation)
+    out.check(row_dicts, generations,
+              process_embedder(step.embedder_spec) if step.embedder_spec else None)
     if journal is not None and fresh:
         journal.record([key for key, _ in fresh], [result for _, result in fresh])
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from augment_ray.config.base import SamplingParams
-from augment_ray.config.steps import PAIStepSpec
+from augment_ray.config.steps import CheckedStepSpec, PAIStepSpec
 from augment_ray.curate.text import fold_str
 from augment_ray.errors import JobSpecError
 from augment_ray.kinds import step_kind
@@ -22,6 +22,7 @@ from augment_ray.tasks.base import (
     detect_language,
     load_template,
 )
+from augment_ray.validate.checks import Candidate, Embed, Failure, NewInstructionChecks
 
 # alibaba-pai/Qwen2-1.5B-Instruct-Exp, alibaba-pai/Qwen2-7B-Instruct-Exp, local copies
 NATIVE_EXPAND_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-exp\b", re.IGNORECASE)
@@ -34,10 +35,13 @@ def is_native_expand_model(model: str) -> bool:
 class ExpandTask:
     TAG = "instruction"
     output_columns = ("instruction",)
+    diversity_columns = ("instruction", "instruction")  # seeds' vs new rows'
     generates_rows = True
 
-    def __init__(self, native: bool, n: int, few_shot: int = 0, seed: int = 0) -> None:
+    def __init__(self, native: bool, n: int, few_shot: int = 0, seed: int = 0,
+                 checks: NewInstructionChecks | None = None) -> None:
         self.native = native
+        self.checks = checks
         self.n = n
         self.few_shot = few_shot
         self.seed = seed
@@ -76,8 +80,18 @@ class ExpandTask:
             raise ParseFailure("copy_of_seed", answer[:500])
         return {"instruction": answer}
 
+    def check(self, entries: list[tuple[Row, dict, Any, bool]], embed: Embed | None
+              ) -> list[Failure | None]:
+        assert self.checks is not None
+        return self.checks.check([
+            Candidate(row["instruction"], values["instruction"], group, kept,
+                      None if self.native else load_template(
+                          "expand_fewshot" if self.few_shot else "expand", "v1",
+                          detect_language(row["instruction"])).text)
+            for row, values, group, kept in entries], embed)
 
-class ExpandStepSpec(PAIStepSpec):
+
+class ExpandStepSpec(CheckedStepSpec, PAIStepSpec):
     """Instruction expansion: n new instructions of the same task type per seed row."""
 
     kind: Literal["expand"]
@@ -90,6 +104,9 @@ class ExpandStepSpec(PAIStepSpec):
     keep_seeds: bool = Field(
         True, description="false: seed rows go to _rejects (reason seed_not_kept)"
     )
+    checks: NewInstructionChecks = Field(
+        default_factory=NewInstructionChecks, description="what a new instruction must be to "
+        "be kept (docs/CURATION.md#checks); false: keep every parsable answer")
 
 
 @step_kind(ExpandStepSpec)
@@ -102,4 +119,4 @@ class ExpandStep(LLMStep):
                 f"Step {spec.step_name!r}: few_shot needs mode: prompted; the native Instruct-Exp "
                 "models take exactly one instruction."
             )
-        return ExpandTask(native, spec.n, spec.few_shot, sampling.seed)
+        return ExpandTask(native, spec.n, spec.few_shot, sampling.seed, spec.checks)

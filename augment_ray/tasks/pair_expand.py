@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from augment_ray.config.base import SamplingParams
-from augment_ray.config.steps import PAIStepSpec
+from augment_ray.config.steps import CheckedStepSpec, PAIStepSpec
 from augment_ray.kinds import step_kind
 from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import (
@@ -22,6 +22,7 @@ from augment_ray.tasks.base import (
     extract_tagged,
     load_template,
 )
+from augment_ray.validate.checks import Candidate, Embed, Failure, PairChecks
 
 # alibaba-pai/Qwen2-7B-Instruct-Response-Exp, local copies
 NATIVE_PAIR_MODEL = re.compile(r"qwen2-7b-instruct-response-exp", re.IGNORECASE)
@@ -52,10 +53,13 @@ def parse_pair(text: str) -> tuple[str, str] | None:
 
 class PairExpandTask:
     output_columns = ("instruction", "output")
+    diversity_columns = ("instruction", "instruction")  # seeds' vs new rows'
     generates_rows = True
 
-    def __init__(self, native: bool, k: int, n: int, seed: int) -> None:
+    def __init__(self, native: bool, k: int, n: int, seed: int,
+                 checks: PairChecks | None = None) -> None:
         self.native = native
+        self.checks = checks
         self.k = k
         self.n = n
         self.seed = seed
@@ -97,8 +101,29 @@ class PairExpandTask:
             raise ParseFailure("copy_of_seed", question[:500])
         return {"instruction": question, "output": answer}
 
+    def check(self, entries: list[tuple[Row, dict, Any, bool]], embed: Embed | None
+              ) -> list[Failure | None]:
+        """The new instruction as expand's (against its seed), then the new response as
+        respond's (against the new instruction)."""
+        assert self.checks is not None
+        if not self.checks.enabled:
+            return [None] * len(entries)
+        verdicts = self.checks.instruction.check([
+            Candidate(row["instruction"], values["instruction"], group, kept,
+                      None if self.native else load_template(
+                          "pair_expand", "v1", detect_language(row["instruction"])).text)
+            for row, values, group, kept in entries], embed)
+        todo = [i for i, (verdict, entry) in enumerate(zip(verdicts, entries, strict=True))
+                if verdict is None and not entry[3]]
+        answers = self.checks.response.check([
+            Candidate(entries[i][1]["instruction"], entries[i][1]["output"]) for i in todo],
+            embed)
+        for i, verdict in zip(todo, answers, strict=True):
+            verdicts[i] = verdict
+        return verdicts
 
-class PairExpandStepSpec(PAIStepSpec):
+
+class PairExpandStepSpec(CheckedStepSpec, PAIStepSpec):
     """Instruction-response pair expansion: new pairs in the style of k seed pairs (the row and
     k-1 others drawn from the same batch). Rows without an output are used by no prompt."""
 
@@ -107,6 +132,9 @@ class PairExpandStepSpec(PAIStepSpec):
     n: int = Field(1, gt=0, le=64, description="new pairs per seed row")
     keep_seeds: bool = Field(
         True, description="false: seed rows go to _rejects (reason seed_not_kept)")
+    checks: PairChecks = Field(
+        default_factory=PairChecks, description="what a new pair must be to be kept "
+        "(docs/CURATION.md#checks); false: keep every parsable answer")
 
 
 @step_kind(PairExpandStepSpec)
@@ -116,4 +144,4 @@ class PairExpandStep(LLMStep):
     @classmethod
     def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> PairExpandTask:
         native = spec.is_native(job.engines[spec.engine].model, is_native_pair_model)
-        return PairExpandTask(native, spec.k, spec.n, sampling.seed)
+        return PairExpandTask(native, spec.k, spec.n, sampling.seed, spec.checks)

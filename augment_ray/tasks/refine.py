@@ -8,10 +8,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from augment_ray.config.base import SamplingParams
-from augment_ray.config.steps import PAIStepSpec
+from augment_ray.config.steps import CheckedStepSpec, PAIStepSpec
 from augment_ray.kinds import step_kind
 from augment_ray.steps.llm import LLMStep
 from augment_ray.tasks.base import Messages, Row, answer_text, detect_language, load_template
+from augment_ray.validate.checks import Candidate, Embed, Failure, RewriteChecks
 
 # alibaba-pai/Qwen2-1.5B-Instruct-Refine, alibaba-pai/Qwen2-7B-Instruct-Refine, local copies
 NATIVE_REFINE_MODEL = re.compile(r"qwen2-(1\.5|7)b-instruct-refine", re.IGNORECASE)
@@ -24,10 +25,13 @@ def is_native_refine_model(model: str) -> bool:
 class RefineTask:
     TAG = "refined"
 
-    def __init__(self, native: bool, output_column: str) -> None:
+    def __init__(self, native: bool, output_column: str,
+                 checks: RewriteChecks | None = None) -> None:
         self.native = native
+        self.checks = checks
         self.output_column = output_column
         self.output_columns = (output_column,)
+        self.diversity_columns = ("instruction", output_column)
         self.generates_rows = False
         self.template_version = "native" if native else "refine.v1"
 
@@ -45,13 +49,25 @@ class RefineTask:
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         return {self.output_column: answer_text(text, self.TAG, self.native)}
 
+    def check(self, entries: list[tuple[Row, dict, Any, bool]], embed: Embed | None
+              ) -> list[Failure | None]:
+        assert self.checks is not None
+        return self.checks.check([
+            Candidate(row["instruction"], values[self.output_column], template=None
+                      if self.native else load_template(
+                          "refine", "v1", detect_language(row["instruction"])).text)
+            for row, values, _, _ in entries], embed)
 
-class RefineStepSpec(PAIStepSpec):
+
+class RefineStepSpec(CheckedStepSpec, PAIStepSpec):
     """Instruction refinement: rewrite each instruction so a model answers it more helpfully."""
 
     kind: Literal["refine"]
     output_column: str = Field(
         "refined_instruction", description="column for the rewritten instruction")
+    checks: RewriteChecks = Field(
+        default_factory=RewriteChecks, description="what a rewrite must be to be kept "
+        "(docs/CURATION.md#checks); false: keep every parsable answer")
 
 
 @step_kind(RefineStepSpec)
@@ -59,7 +75,8 @@ class RefineStep(LLMStep):
     @classmethod
     def make_task(cls, spec: Any, job: Any, sampling: SamplingParams) -> RefineTask:
         model = job.engines[spec.engine].model
-        return RefineTask(spec.is_native(model, is_native_refine_model), spec.output_column)
+        return RefineTask(spec.is_native(model, is_native_refine_model), spec.output_column,
+                          spec.checks)
 
     def describe(self) -> dict[str, Any]:
         # the report shows seed vs rewritten instruction from this column
