@@ -17,6 +17,7 @@ import ray.data
 
 from augment_ray.config.io import InputSpec
 from augment_ray.config.job import JobSpec
+from augment_ray.curate.diversity import add_diversity
 from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
 from augment_ray.io.committed import STARTED, committed_run, spec_digest, spec_json, started_by
 from augment_ray.io.journal import WORK_DIR, journaled_counts
@@ -230,8 +231,10 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     if work is not None:
         summary["journal"] = journaled_counts(work, run_id)
     check_reject_shares(job, summary["steps"])
-    commit(output, manifest_of(job, run_id, shards, stats, staging), summary,
-           remove_after=(WORK_DIR,))
+    manifest = manifest_of(job, run_id, shards, stats, staging)
+    # from the written (staged) shards, so _summary.json is written once, before _SUCCESS
+    add_diversity(summary["steps"], staging, manifest, job.report.diversity_sample)
+    commit(output, manifest, summary, remove_after=(WORK_DIR,))
     return summary
 
 

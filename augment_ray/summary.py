@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from augment_ray.curate.diversity import format_diversity
 from augment_ray.io.write import WriteStats
 from augment_ray.rows import INPUT_STEP
 from augment_ray.storage import redact_uri  # re-exported: callers import it from here
@@ -82,6 +83,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             line += f"  created {step['rows_created']}"
         if "completion_tokens" in step:
             line += f"  tokens {step['prompt_tokens']} prompt / {step['completion_tokens']} gen"
+        if diversity := format_diversity(step):  # e.g. "diversity vendi 41.2 -> 37.5"
+            line += f"  {diversity}"
         if step.get("note"):
             line += f"  {step['note']}"
         lines.append(line)

@@ -43,6 +43,8 @@ def example_job(input_uri: Path, output_uri: Path, max_tokens: int) -> JobSpec:
     data["output"]["uri"] = str(output_uri)
     data["engines"]["small"]["sampling"]["max_tokens"] = max_tokens
     data["engines"]["small"]["batch_size"] = 4
+    # 12-token rewrites are cut short: the checks (tests/test_checks_job.py) would reject them
+    data["steps"][0]["checks"] = False
     return parse_job(data)
 
 
@@ -127,7 +129,7 @@ def test_cli_runs_a_job_file_and_reports(tmp_path):
         "input": {"uri": str(source), "columns": {"instruction": "prompt", "output": "answer"}},
         "output": {"uri": str(tmp_path / "out")},
         "engines": {"m": {"batch_size": 3, "sampling": {"max_tokens": 8}}},
-        "steps": [{"kind": "refine", "engine": "m", "name": "polish"}],
+        "steps": [{"kind": "refine", "engine": "m", "name": "polish", "checks": False}],
     }
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))

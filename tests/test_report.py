@@ -19,14 +19,15 @@ from augment_ray.config.job import parse_job
 from augment_ray.report import build_report, write_report
 from augment_ray.report.tokens import whitespace_counter
 from augment_ray.storage import Location
+from augment_ray.summary import format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "jobs" / "data" / "self_instruct_seed"
 CLI = [sys.executable, "-m", "augment_ray.cli"]
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = ("Run", "Rows per step", "Rejections", "Lengths before and after", "Scores",
-            "Duplicate clusters", "Task categories and languages", "Sample rows",
-            "Tokens and time")
+SECTIONS = ("Run", "Rows per step", "Rejections", "Lengths before and after",
+            "Diversity and checks", "Scores", "Duplicate clusters",
+            "Task categories and languages", "Sample rows", "Tokens and time")
 ESCAPE_ME = "Explain <script>alert(1)</script> & <b>tags</b> in HTML."
 # planted copies of seed rows (case and spacing changed: dedup_exact folds both); ids sort
 # after the seeds' "seed_task_*", so the seeds are the rows kept
@@ -71,7 +72,8 @@ def finished_run(local_ray, tmp_path_factory) -> Path:
                               "num_cpus": 1, "threads": 1, "batch_size": 4,
                               "sampling": {"temperature": 0.0, "max_tokens": 12}}},
         "steps": [
-            {"kind": "refine", "engine": "small"},
+            # 12-token rewrites are cut short: the rewrite checks would reject most of them
+            {"kind": "refine", "engine": "small", "checks": False},
             {"kind": "dedup_exact"},
             {"kind": "filter", "min_response_chars": 10},
         ],
@@ -127,9 +129,30 @@ def test_report_of_a_real_run_through_the_cli(finished_run):
     assert f"| refine | {refine['first_rows_at_s']:,.1f} | {refine['last_rows_at_s']:,.1f} |" \
         in timing
 
+    # diversity: measured by the run on the kept rows, printed on the step's line, reported
+    figures = refine["diversity"]
+    assert (figures["input"], figures["output"], figures["new_rows"]) == (
+        "instruction", "refined_instruction", False)
+    assert figures["embedder"] == "all-MiniLM-L6-v2"
+    # the refine step got every input row; the kept ones are the outputs, cut to the same size
+    assert figures["inputs"]["n"] == figures["outputs"]["n"] == summary["rows_out"]
+    for side in ("inputs", "outputs"):
+        assert 1.0 < figures[side]["vendi"] <= figures[side]["n"]
+        assert 0.0 < figures[side]["mean_cosine_distance"] < 1.0
+    assert (f"diversity vendi {figures['inputs']['vendi']:.1f} -> "
+            f"{figures['outputs']['vendi']:.1f}") in format_summary(summary)
+    assert [s["name"] for s in summary["steps"] if "diversity" in s] == ["refine"]
+    diversity = markdown_section(markdown, "Diversity and checks")
+    for side, column in (("inputs", "instruction"), ("outputs", "refined_instruction")):
+        assert (f"| {side} | {column} | {figures[side]['n']} | "
+                f"{figures[side]['mean_cosine_distance']:.4f} | "
+                f"{figures[side]['vendi']:.2f} |") in diversity, diversity
+    assert "Texts embedded with all-MiniLM-L6-v2" in diversity
+    assert "<title>refine: diversity of inputs vs outputs</title>" in html
+
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in html
-    assert html.count("<svg") >= 6
+    assert html.count("<svg") >= 7
     assert not re.search(r"https?://", html)
     assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     # seed vs refined: the escaped row has the lowest id, so it is among the samples
@@ -160,7 +183,8 @@ def test_report_opens_in_headless_chromium(finished_run, tmp_path):
     dom = browser.stdout
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in dom
-    assert dom.count("<svg") >= 6 and "<rect" in dom
+    assert dom.count("<svg") >= 7 and "<rect" in dom
+    assert "<title>refine: diversity of inputs vs outputs</title>" in dom
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     for error in ("Uncaught", "Failed to load resource"):
         assert error not in browser.stderr, browser.stderr[-3000:]
@@ -229,7 +253,14 @@ def handmade_output(fs, root: str) -> None:
     steps = [
         {"name": "input", "kind": "read", "rows_in": 6, "rows_out": 6, "rejected": {}},
         {"name": "expand", "kind": "expand", "rows_in": 6, "rows_created": 2, "rows_out": 7,
-         "rejected": {"seed_not_kept": 1}, "prompt_tokens": 120, "completion_tokens": 40},
+         "rejected": {"seed_not_kept": 1}, "prompt_tokens": 120, "completion_tokens": 40,
+         # what the run's diversity pass (curate/diversity.py) adds to a generating step
+         "diversity": {"input": "instruction", "output": "instruction", "new_rows": True,
+                       "inputs": {"n": 2, "mean_cosine_distance": 0.8123, "vendi": 1.93},
+                       "outputs": {"n": 2, "mean_cosine_distance": 0.6, "vendi": 1.71},
+                       "embedder": "all-MiniLM-L6-v2"},
+         "checks": {"not_new": 0.9, "refusal": True},
+         "checks_passed": {"not_new": 1.0, "refusal": 1.0}},
         # what the steps' describe() writes: the report finds its columns from these
         {"name": "dedup_near", "kind": "dedup_near", "duplicate_column": "dedup_near_duplicate_of",
          "rows_in": 7, "rows_created": 0, "rows_out": 5, "rejected": {"near_duplicate": 2}},
@@ -281,6 +312,14 @@ def test_report_of_created_rows_scores_and_labels_on_s3(local_s3):
     assert "| writing | 3 | 50.0% | 2 | 50.0% |" in labels
     assert "| zh | 1 | 16.7% | 1 | 25.0% |" in labels
     assert "| 3 | 1 | 3 |" in markdown_section(markdown, "Duplicate clusters")
+    diversity = markdown_section(markdown, "Diversity and checks")
+    assert "### expand (expand)" in diversity
+    assert "'instruction' of the rows it created that were kept" in diversity
+    assert "| inputs | instruction | 2 | 0.8123 | 1.93 |" in diversity
+    assert "| outputs | instruction | 2 | 0.6000 | 1.71 |" in diversity
+    assert "| not_new | 0.9 | 0 | 100.0% |" in diversity
+    assert "| refusal | on | 0 | 100.0% |" in diversity
+    assert "Share of the checked rows passing each check" in html
     assert "| input_rows_read | 6 |" in markdown_section(markdown, "Run")
     for title in SECTIONS:
         assert f"<h2>{title}</h2>" in html

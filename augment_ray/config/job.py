@@ -82,9 +82,13 @@ def check_engine_reference(where: str, name: str | None, engines: dict[str, Any]
     if engines[name].role != role:
         fitting = ", ".join(sorted(n for n, e in engines.items() if e.role == role))
         raise ValueError(
-            f"{where}: engine {name!r} is a {engines[name].role} engine (kind "
-            f"{engines[name].kind}); this needs a {role} engine"
+            f"{where}: engine {name!r} is {_a(engines[name].role)} engine (kind "
+            f"{engines[name].kind}); this needs {_a(role)} engine"
             + (f" ({fitting})" if fitting else ""))
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _location(loc: tuple[Any, ...]) -> str:

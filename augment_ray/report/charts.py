@@ -1,4 +1,5 @@
-"""Small inline SVG charts: horizontal (stacked) bars and grouped columns / histograms.
+"""Small inline SVG charts: horizontal (stacked) bars, bars in panels of their own scale, and
+grouped columns / histograms.
 
 Plain SVG markup with no scripts, fonts or links, so the report renders offline anywhere; the
 `xmlns` attribute is left out on purpose (inline SVG in HTML does not need it, and the report
@@ -92,6 +93,45 @@ def hbars(bars: Sequence[Bar], title: str) -> str:
         total = sum(s.value for s in bar.segments)
         body.append(_text(x + 4, y + 13, fmt(total)))
     return _svg(top + row * len(bars) + 6, title, body)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One group of bars on its own scale, under a heading (see `panels`)."""
+
+    heading: str
+    bars: tuple[tuple[str, float, str], ...]  # (label, value, color)
+    top: float | None = None  # the scale's end; None: the largest value
+    percent: bool = False  # shares in [0, 1], written as percentages
+
+
+def panels(groups: Sequence[Panel], title: str) -> str:
+    """Horizontal bars in groups, each group under its heading and on its own scale (a score
+    next to a share, say), the value at the end of each bar."""
+    labels = [label for group in groups for label, _, _ in group.bars]
+    label_width = min(280, 12 + 7 * max((len(label) for label in labels), default=0))
+    value_width = 80
+    row = 22
+    scale_width = WIDTH - label_width - value_width
+    body: list[str] = []
+    y = 0.0
+    for group in groups:
+        body.append(_text(4, y + 15, group.heading, extra=' font-weight="bold"'))
+        y += 22
+        top = group.top or max((v for _, v, _ in group.bars), default=0) or 1
+        for label, value, color in group.bars:
+            shown = label if len(label) * 7 < label_width else label[:36] + "…"
+            text = f"{100 * value:.1f}%" if group.percent else fmt(value)
+            body.append(_text(label_width - 6, y + 12, shown, "end"))
+            width = scale_width * max(0.0, min(value / top, 1.0))
+            if width > 0:
+                body.append(f'<rect x="{label_width}" y="{y + 2:.1f}" width="{width:.1f}" '
+                            f'height="14" fill="{color}"><title>{escape(label)}: '
+                            f"{escape(text)}</title></rect>")
+            body.append(_text(label_width + width + 4, y + 13, text))
+            y += row
+        y += 6
+    return _svg(y + 4, title, body)
 
 
 def columns(categories: Sequence[str], series: Sequence[tuple[str, Sequence[float]]],

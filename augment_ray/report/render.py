@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from html import escape
 from typing import Any
 
@@ -18,11 +17,22 @@ import pyarrow.compute as pc
 
 from augment_ray.report import charts
 from augment_ray.report.charts import KEPT, REJECTED, Bar, Segment
+from augment_ray.report.diversity import diversity_section
 from augment_ray.report.load import ID, INSTRUCTION, OUTPUT, RunView, created_rows
+from augment_ray.report.tables import (
+    CLIP,
+    Section,
+    absent,
+    clip_text,
+    noted,
+    num,
+    pct,
+    plural,
+    table,
+)
 from augment_ray.report.tokens import TokenCounter
 
 SAMPLE_ROWS = 5
-CLIP = 600
 BEFORE, AFTER = "before", "after"
 PROMPT = "#9ecae9"  # the prompt-token part of a bar, beside KEPT for generated tokens
 
@@ -41,66 +51,6 @@ table.pairs th:first-child { width: 10em; }
 .meta { color: #666; font-size: 12px; } svg.chart { display: block; margin: 6px 0; max-width: 100%;
   height: auto; }
 """
-
-
-@dataclass
-class Section:
-    anchor: str
-    title: str
-    html: str
-    markdown: str
-
-
-def _n(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
-
-
-def _pct(part: float, whole: float) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "-"
-
-
-def _clip(text: Any, limit: int = CLIP) -> str:
-    text = "" if text is None else str(text)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _md_cell(value: Any) -> str:
-    # escaped like HTML too: Markdown renderers pass raw tags (a row's "<script>") through
-    text = escape(str(value), quote=False).replace("\\", "\\\\").replace("|", "\\|")
-    return " ".join(text.split())
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-          numeric: Sequence[int] = (), css: str = "") -> tuple[str, str]:
-    """(HTML, Markdown) of one table; `numeric` columns are right-aligned in HTML. Markdown
-    numbers carry no thousands separators, so scripts can read them back."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = "".join(
-            f'<td class="n">{escape(_n(v))}</td>' if i in numeric else f"<td>{escape(str(v))}</td>"
-            for i, v in enumerate(row))
-        body.append(f"<tr>{cells}</tr>")
-    klass = f' class="{css}"' if css else ""
-    html = f"<table{klass}><tr>{head}</tr>{''.join(body)}</table>"
-    md = ["| " + " | ".join(_md_cell(h) for h in headers) + " |",
-          "|" + "|".join("---:" if i in numeric else "---" for i in range(len(headers))) + "|"]
-    md += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
-    return html, "\n".join(md)
-
-
-def _noted(anchor: str, title: str, html: list[str], md: list[str], note: str) -> Section:
-    """A section of HTML and Markdown parts that ends with a note on what it shows."""
-    return Section(anchor, title, "".join([*html, f'<p class="meta">{escape(note)}</p>']),
-                   "\n\n".join([*md, note]))
-
-
-def _none(text: str) -> tuple[str, str]:
-    return f'<p class="none">{escape(text)}</p>', f"_{text}_"
 
 
 def _stats(values: Sequence[float]) -> list[Any]:
@@ -144,13 +94,13 @@ def run_section(view: RunView) -> Section:
         ("job", s.get("job", "")), ("run id", s.get("run_id", "")), ("started", started),
         ("wall time", f"{s.get('wall_seconds', 0):,.1f} s"),
         ("input", f"{s.get('input', {}).get('uri', '')} "
-                  f"({_count(s.get('input', {}).get('files', 0), 'file')})"),
-        ("output", f"{view.uri} ({_count(s.get('output', {}).get('files', 0), 'data file')}, "
-                   f"{_count(s.get('output', {}).get('reject_files', 0), 'reject file')})"),
-        ("rows", f"{_n(s.get('rows_in', 0))} in, {_n(s.get('rows_out', 0))} out, "
-                 f"{_n(s.get('rows_rejected', 0))} rejected"),
-        ("tokens", f"{_n(s.get('prompt_tokens', 0))} prompt, "
-                   f"{_n(s.get('completion_tokens', 0))} generated "
+                  f"({plural(s.get('input', {}).get('files', 0), 'file')})"),
+        ("output", f"{view.uri} ({plural(s.get('output', {}).get('files', 0), 'data file')}, "
+                   f"{plural(s.get('output', {}).get('reject_files', 0), 'reject file')})"),
+        ("rows", f"{num(s.get('rows_in', 0))} in, {num(s.get('rows_out', 0))} out, "
+                 f"{num(s.get('rows_rejected', 0))} rejected"),
+        ("tokens", f"{num(s.get('prompt_tokens', 0))} prompt, "
+                   f"{num(s.get('completion_tokens', 0))} generated "
                    f"({s.get('completion_tokens_per_second', 0):,.1f} tok/s over the run)"),
     ]
     versions = m.get("code_version")
@@ -165,7 +115,7 @@ def run_section(view: RunView) -> Section:
         html += "<h3>Accounting</h3>" + a_html
         md += "\n\n### Accounting\n\n" + a_md
     else:
-        none = _none("No accounting block in this run's summary.")
+        none = absent("No accounting block in this run's summary.")
         html += none[0]
         md += "\n\n" + none[1]
     return Section("run", "Run", html, md)
@@ -174,7 +124,7 @@ def run_section(view: RunView) -> Section:
 def funnel_section(view: RunView) -> Section:
     steps = view.summary.get("steps", [])
     if not steps:
-        return Section("funnel", "Rows per step", *_none("No steps in this run's summary."))
+        return Section("funnel", "Rows per step", *absent("No steps in this run's summary."))
     rows, bars = [], []
     for step in steps:
         created = step.get("rows_created", 0)
@@ -195,7 +145,7 @@ def funnel_section(view: RunView) -> Section:
 def rejections_section(view: RunView) -> Section:
     reasons: dict[str, int] = view.summary.get("rejected_by_reason", {})
     if not reasons:
-        return Section("rejections", "Rejections", *_none("No rejected rows in this run."))
+        return Section("rejections", "Rejections", *absent("No rejected rows in this run."))
     handled = {s["name"]: s.get("rows_in", 0) + s.get("rows_created", 0)
                for s in view.summary.get("steps", [])}
     ordered = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))
@@ -203,7 +153,8 @@ def rejections_section(view: RunView) -> Section:
     for key, count in ordered:
         step, _, reason = key.partition(":")
         example = view.reject_examples.get((step, reason), "")
-        rows.append((step, reason, count, _pct(count, handled.get(step, 0)), _clip(example, 160)))
+        rows.append((step, reason, count, pct(count, handled.get(step, 0)),
+                     clip_text(example, 160)))
     html, md = table(["step", "reason", "rows", "share of the step's rows", "example detail"],
                      rows, numeric=(2, 3))
     chart = charts.hbars([Bar(k, (Segment(v, REJECTED, "rejected"),)) for k, v in ordered],
@@ -243,7 +194,7 @@ def lengths_section(view: RunView, counter: TokenCounter) -> Section:
             html.append(_distribution([(BEFORE, before), (AFTER, after)],
                                       f"{title}: before vs after", integer=True))
         html.append(t_html)
-    return _noted("lengths", "Lengths before and after", html, md,
+    return noted("lengths", "Lengths before and after", html, md,
                   f"{where[BEFORE]}; {where[AFTER]}.")
 
 
@@ -256,7 +207,7 @@ def _final_instructions(view: RunView) -> list[str | None]:
 
 def scores_section(view: RunView) -> Section:
     if not view.columns.scores:
-        return Section("scores", "Scores", *_none("No score columns in this run."))
+        return Section("scores", "Scores", *absent("No score columns in this run."))
     html, md = [], []
     for column in view.columns.scores:
         kept = [float(v) for v in view.after[column].to_pylist() if v is not None]
@@ -273,25 +224,25 @@ def scores_section(view: RunView) -> Section:
         md.append(f"### {column}\n\n{t_md}")
     note = (f"Sampled: {view.after.num_rows:,} of {view.after_total:,} kept rows, "
             f"{view.rejected.num_rows:,} of {view.rejected_total:,} rejected rows.")
-    return _noted("scores", "Scores", html, md, note)
+    return noted("scores", "Scores", html, md, note)
 
 
 def duplicates_section(view: RunView) -> Section:
     if not view.columns.dedup:
-        return Section("duplicates", "Duplicate clusters", *_none("No dedup step in this run."))
+        return Section("duplicates", "Duplicate clusters", *absent("No dedup step in this run."))
     html, md = [], []
     for step in view.columns.dedup:
         clusters = view.clusters.get(step, Counter())
         html.append(f"<h3>{escape(step)}</h3>")
         md.append(f"### {step}")
         if not clusters:
-            none = _none(f"No duplicates found by {step} in this run.")
+            none = absent(f"No duplicates found by {step} in this run.")
             html.append(none[0])
             md.append(none[1])
             continue
         sizes = Counter(clusters.values())
         removed = sum(clusters.values()) - len(clusters)
-        summary = (f"{_count(len(clusters), 'cluster')} of duplicates: {removed:,} rows "
+        summary = (f"{plural(len(clusters), 'cluster')} of duplicates: {removed:,} rows "
                    "rejected, one row kept per cluster (a cluster is the kept row and every row "
                    "that duplicates it).")
         rows = [(size, sizes[size], size * sizes[size]) for size in sorted(sizes)]
@@ -311,13 +262,13 @@ def duplicates_section(view: RunView) -> Section:
 def labels_section(view: RunView) -> Section:
     if not view.columns.labels:
         return Section("labels", "Task categories and languages",
-                       *_none("No task category or language columns in this run."))
+                       *absent("No task category or language columns in this run."))
     html, md = [], []
     for column in view.columns.labels:
         before, after = view.labels_before[column], view.labels_after[column]
         keys = sorted(set(before) | set(after), key=lambda k: (-after[k], -before[k], k))
         b_total, a_total = sum(before.values()), sum(after.values())
-        rows = [(k, before[k], _pct(before[k], b_total), after[k], _pct(after[k], a_total))
+        rows = [(k, before[k], pct(before[k], b_total), after[k], pct(after[k], a_total))
                 for k in keys]
         t_html, t_md = table([column, "before: rows", "before: share", "after: rows",
                               "after: share"], rows, numeric=(1, 2, 3, 4))
@@ -331,7 +282,7 @@ def labels_section(view: RunView) -> Section:
         md += [f"### {column}", t_md]
     note = ("Exact counts. Before: input rows (data/ and _rejects/) that have a label (rows "
             "rejected before the labelling step have none); after: every kept row.")
-    return _noted("labels", "Task categories and languages", html, md, note)
+    return noted("labels", "Task categories and languages", html, md, note)
 
 
 def samples_section(view: RunView) -> Section:
@@ -340,37 +291,37 @@ def samples_section(view: RunView) -> Section:
     html.append("<h3>Seed vs refined</h3>")
     md.append("### Seed vs refined")
     if refine is None:
-        none = _none("No refine step in this run.")
+        none = absent("No refine step in this run.")
         html.append(none[0])
         md.append(none[1])
     else:
         refined = view.after.filter(pc.is_valid(view.after[refine])).sort_by(ID)
-        pairs = [(r[ID], _clip(r[INSTRUCTION]), _clip(r[refine]))
+        pairs = [(r[ID], clip_text(r[INSTRUCTION]), clip_text(r[refine]))
                  for r in refined.slice(0, SAMPLE_ROWS).to_pylist()]
         if pairs:
             t_html, t_md = table(["id", "instruction (seed)", refine], pairs, css="pairs")
             html.append(t_html)
             md.append(t_md)
         else:
-            none = _none(f"No kept row has {refine} in this run.")
+            none = absent(f"No kept row has {refine} in this run.")
             html.append(none[0])
             md.append(none[1])
     html.append("<h3>Seed vs created rows</h3>")
     md.append("### Seed vs created rows")
     created = created_rows(view, SAMPLE_ROWS)
     if not created:
-        none = _none("No created rows (expand, pair_expand) in this run.")
+        none = absent("No created rows (expand, pair_expand) in this run.")
         html.append(none[0])
         md.append(none[1])
     else:
         rows = []
         for row in created:
             parent = view.parents.get(row["_parent"], {})
-            seed = _clip(parent.get(INSTRUCTION)) if parent else f"(parent {row['_parent']} " \
+            seed = clip_text(parent.get(INSTRUCTION)) if parent else f"(parent {row['_parent']} " \
                 "not found)"
-            made = _clip(row[INSTRUCTION])
+            made = clip_text(row[INSTRUCTION])
             if row.get(OUTPUT):
-                made += "\n\n→ " + _clip(row[OUTPUT], 300)
+                made += "\n\n→ " + clip_text(row[OUTPUT], 300)
             rows.append((row["_step"], seed, made))
         t_html, t_md = table(["step", "parent instruction (seed)", "created row"], rows,
                              css="pairs")
@@ -378,7 +329,7 @@ def samples_section(view: RunView) -> Section:
         md.append(t_md)
     note = (f"Up to {SAMPLE_ROWS} rows each, the lowest ids of the sampled kept rows; long "
             f"texts are cut at {CLIP} characters.")
-    return _noted("samples", "Sample rows", html, md, note)
+    return noted("samples", "Sample rows", html, md, note)
 
 
 def tokens_section(view: RunView) -> Section:
@@ -386,7 +337,7 @@ def tokens_section(view: RunView) -> Section:
     steps = [step for step in s.get("steps", []) if "completion_tokens" in step]
     if not steps:
         return Section("tokens", "Tokens and time",
-                       *_none(f"No model tokens in this run (wall time "
+                       *absent(f"No model tokens in this run (wall time "
                               f"{s.get('wall_seconds', 0):,.1f} s)."))
     rows = []
     for step in steps:
@@ -424,8 +375,9 @@ def tokens_section(view: RunView) -> Section:
 def build_sections(view: RunView, counter: TokenCounter) -> list[Section]:
     return [
         run_section(view), funnel_section(view), rejections_section(view),
-        lengths_section(view, counter), scores_section(view), duplicates_section(view),
-        labels_section(view), samples_section(view), tokens_section(view),
+        lengths_section(view, counter), diversity_section(view), scores_section(view),
+        duplicates_section(view), labels_section(view), samples_section(view),
+        tokens_section(view),
     ]
 
 
