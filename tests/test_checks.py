@@ -24,6 +24,8 @@ REFINE_TEMPLATE = load_template("refine", "v1", "en").text
     "Write a haiku about autumn leaves, in English, with a 5-7-5 syllable count.",
     "What are three ways to cook eggs without oil? Answer in a numbered list.",
     "Given a list of integers, return the second largest one.",
+    "When you pack for a week of hiking, list what to bring and why.",
+    "To make the pairs share one analogy, write the fourth word.",
     "In this task, you are given a sentence. Classify its sentiment as positive or negative.",
     "Can you suggest five board games for a family of four?",
     "I need a 300-word cover letter for a junior data analyst job.",
@@ -39,6 +41,8 @@ def test_requests_read_as_requests(text: str):
     "Sure! Here are some games: charades, Pictionary and Uno.",
     "Dear Sir, I am writing to decline your kind invitation.",
     "The idiom black sheep refers to a person who does not fit in.",
+    "When rolling two dice, the probability of rolling a total of 3 is 1/18.",
+    "In the field of quantum physics, superposition refers to a state of many states.",
 ])
 def test_answers_and_statements_do_not(text: str):
     assert not_a_request(text) is not None
@@ -85,6 +89,8 @@ def test_rewrite_checks_measure_and_report():
     assert verdicts[0] is None
     assert verdicts[1][0] == "unfaithful" and "cosine 0.110 < min_similarity 0.5" in verdicts[1][1]
     assert verdicts[2][0] == "not_longer" and "length ratio 0.60" in verdicts[2][1]
+    [same] = RewriteChecks().check([Candidate(original, "make a grocery list. ")], embed)
+    assert same[0] == "not_longer" and same[1].startswith("unchanged")
     # each check can be turned off, and all at once with `checks: false`
     off = RewriteChecks(min_similarity=None, min_length_ratio=None)
     assert off.check([Candidate(original, drifted)], None) == [None]

@@ -33,9 +33,10 @@ CLI = [sys.executable, "-m", "augment_ray.cli"]
 # what each reason's reject_detail starts with: the measured value and the bound it broke
 DETAIL = {
     "template_echo": r"^(scaffolding|prompt wording) ",
-    "not_a_request": r"^(opens like an answer|neither a question nor an instruction|no words)",
+    "not_a_request": r"^(opens like an answer|neither a question nor an instruction|"
+                     r"a clause, then no request|no words)",
     "unfaithful": r"^cosine -?\d\.\d{3} < min_similarity 0\.5: ",
-    "not_longer": r"^length ratio \d+\.\d\d < min_length_ratio 1\.0: ",
+    "not_longer": r"^(length ratio \d+\.\d\d < min_length_ratio 1\.0|unchanged): ",
     "off_task": r"^cosine to seed -?\d\.\d{3} < min_similarity 0\.3: ",
     "not_new": r"^cosine to seed \d\.\d{3} > max_similarity 0\.85: ",
     "near_sibling": r"^cosine to a sibling \d\.\d{3} > max_sibling_similarity 0\.9: ",

@@ -78,6 +78,8 @@ def _vectors(candidates: Sequence[Candidate], embed: Embed | None
 
 def _cosines(candidates: Sequence[Candidate], embed: Embed | None) -> list[float]:
     """cos(source, text) per candidate."""
+    if not candidates:
+        return []
     vectors, index = _vectors(candidates, embed)
     return [float(vectors[index[c.source]] @ vectors[index[c.text]]) for c in candidates]
 
@@ -134,10 +136,13 @@ class RewriteChecks(RequestChecks):
         for c in candidates:
             failure = self._text_failure(c.text, c.template)
             ratio = len(fold_str(c.text)) / max(1, len(fold_str(c.source)))
-            if failure is None and self.min_length_ratio is not None and \
-                    ratio < self.min_length_ratio:
-                failure = "not_longer", _detail(
-                    f"length ratio {ratio:.2f} < min_length_ratio {self.min_length_ratio}", c.text)
+            if failure is None and self.min_length_ratio is not None:
+                if fold_str(c.text) == fold_str(c.source):
+                    failure = "not_longer", _detail("unchanged: the original itself", c.text)
+                elif ratio < self.min_length_ratio:
+                    failure = "not_longer", _detail(
+                        f"length ratio {ratio:.2f} < min_length_ratio {self.min_length_ratio}",
+                        c.text)
             results.append(failure)
         if self.needs_embeddings:
             todo = [i for i, r in enumerate(results) if r is None]

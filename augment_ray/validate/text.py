@@ -12,6 +12,7 @@ from augment_ray.curate.words import han_share
 
 # first words of instructions (Self-Instruct, Alpaca, Dolly, MT-Bench): imperative verbs
 REQUEST_VERBS = frozenset("""
+return output print reply get keep avoid remember try be
 act add adjust analyze analyse answer apply argue arrange ask assess assign assume brainstorm
 build calculate categorize change check choose cite classify come compare compile complete
 compose compute condense construct continue convert correct count craft create critique debate
@@ -29,10 +30,15 @@ visualize walk weigh write
 """.split())  # noqa: SIM905 - a word list reads best
 
 QUESTION_WORDS = frozenset("""
-what which who whom whose when where why how is are was were do does did can could should would
+what which who whom whose why how is are was were do does did can could should would
 will may might shall have has had am isn't aren't don't doesn't didn't can't couldn't shouldn't
 wouldn't won't
 """.split())  # noqa: SIM905 - a word list reads best
+
+# words that open a clause before the request ("Given a list, sort it."), or before a statement
+CLAUSE_OPENERS = frozenset("""
+given for using based with from in on after if considering assuming now then first also when where while before once as since because although though to by during
+""".split())  # noqa: SIM905
 
 # a request phrased as a statement of need or a task set for the reader
 REQUEST_PHRASES = re.compile(
@@ -111,16 +117,21 @@ def not_a_request(text: str) -> str | None:
     sentences = [s for s in SENTENCE_END.split(text.strip()) if s.strip()]
     if any(s.rstrip().endswith(("?", "\uff1f")) for s in sentences[:3]):
         return None
+    # "Given a list of numbers, sort them." / "When you travel, what should you pack?" - but
+    # not "When rolling two dice, the probability is 1/6." nor "In physics, X refers to Y."
+    if head[0] in CLAUSE_OPENERS:
+        for clause in re.split(r"[,:;]\s*", " ".join(sentences[:2]))[1:3]:
+            said = words(clause)
+            # "In this task, you are given ..." sets a task; "To do X, you can use Y." explains
+            if said and (said[0] in REQUEST_VERBS or said[0] == "please" or
+                         said[:2] in (["you", "are"], ["you", "will"], ["you", "must"]) or
+                         REQUEST_PHRASES.match(clause)):
+                return None
+        return f"a clause, then no request: {opening[:60]!r}"
     if head[0] in REQUEST_VERBS or head[0] in QUESTION_WORDS:
         return None
     if REQUEST_PHRASES.search(" ".join(sentences[:2])):
         return None
-    # "Given a list of numbers, sort them." / "For the following text, list the verbs."
-    if head[0] in {"given", "for", "using", "based", "with", "from", "in", "on", "after", "if",
-                   "consider", "considering", "assuming", "now", "then", "first", "also"}:
-        later = [w for s in sentences[:2] for w in words(s)[1:]]
-        if any(w in REQUEST_VERBS for w in later[:40]) or "," in opening:
-            return None
     return f"neither a question nor an instruction: {opening[:60]!r}"
 
 
