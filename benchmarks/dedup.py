@@ -60,7 +60,8 @@ FILES = 16
 # ------------------------------------------------------------------ data
 
 
-def real_sentences() -> list[str]:
+def real_texts() -> list[str]:
+    """GSM8K questions, Self-Instruct seed instructions and MT-Bench turns from ../shared/data."""
     texts = []
     for name in ("gsm8k_train.jsonl", "gsm8k_test.jsonl"):
         with (DATA / name).open() as handle:
@@ -69,7 +70,11 @@ def real_sentences() -> list[str]:
         texts += [json.loads(line)["instruction"] for line in handle]
     with (DATA / "mt_bench_questions.jsonl").open() as handle:
         texts += [turn for line in handle for turn in json.loads(line)["turns"]]
-    sentences = {s.strip() for t in texts for s in re.split(r"(?<=[.?!])\s+", t)}
+    return texts
+
+
+def real_sentences() -> list[str]:
+    sentences = {s.strip() for t in real_texts() for s in re.split(r"(?<=[.?!])\s+", t)}
     return sorted(s for s in sentences if len(s.split()) >= 4)
 
 

@@ -37,7 +37,8 @@ wouldn't won't
 
 # words that open a clause before the request ("Given a list, sort it."), or before a statement
 CLAUSE_OPENERS = frozenset("""
-given for using based with from in on after if considering assuming now then first also when where while before once as since because although though to by during
+given for using based with from in on after if considering assuming now then first also when
+where while before once as since because although though to by during
 """.split())  # noqa: SIM905
 
 # a request phrased as a statement of need or a task set for the reader
