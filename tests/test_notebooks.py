@@ -35,6 +35,8 @@ def small_refine_job(source: Path, out: Path) -> JobSpec:
     engine = data["engines"]["small"]
     engine.update(batch_size=4, replicas=1, num_cpus=1)
     engine["sampling"]["max_tokens"] = 16
+    # 16-token rewrites fail the checks (tests/test_checks_job.py): this is about the notebook
+    data["steps"][0]["checks"] = False
     return parse_job(data)
 
 
