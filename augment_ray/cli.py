@@ -93,32 +93,38 @@ def validate(job_file: str, ds: str | None) -> None:
 @click.option("--ray-address", default=None,
               help="Ray cluster to run on; default: $RAY_ADDRESS, else a private local Ray.")
 @click.option("--output", "output_uri", default=None, help="Override output.uri.")
-@click.option("--overwrite", "--force", "overwrite", is_flag=True,
-              help="Replace an existing output, even a committed run of this job (output.mode).")
+@click.option("--overwrite", is_flag=True,
+              help="output.mode overwrite: replace a committed output (an unfinished attempt "
+              "of this job is still resumed).")
+@click.option("--force", is_flag=True,
+              help="Start over: replace the output and discard an unfinished attempt's "
+              "journal of model answers.")
 @DS_OPTION
 @click.option("--debug", is_flag=True,
               help="Show tracebacks and Ray's own logs and progress bars.")
 def run(job_file: str, ray_address: str | None, output_uri: str | None, overwrite: bool,
-        ds: str | None, debug: bool) -> None:
+        force: bool, ds: str | None, debug: bool) -> None:
     """Run JOB_FILE: read the input, apply the steps, write output shards, rejects and a summary.
 
     With output.mode error-if-exists (the default), an output already committed by this job
-    (same spec, same --ds) is left alone and the run is a no-op: nightly reruns are safe.
+    (same spec, same --ds) is left alone and the run is a no-op: nightly reruns are safe. An
+    unfinished attempt of this job (a crash, a killed driver) is resumed in either mode: the
+    model answers it journaled are replayed.
 
     Exit code 0 on success (or nothing to do), 1 when the run fails, 2 when the job file is
     invalid.
     """
     job = _load(job_file, ds)
-    if output_uri or overwrite:
+    if output_uri or overwrite or force:
         update = {"uri": output_uri or job.output.uri}
-        if overwrite:
+        if overwrite or force:
             update["mode"] = "overwrite"
         job = job.model_copy(update={"output": job.output.model_copy(update=update)})
     from augment_ray.pipeline import run_job
     from augment_ray.summary import format_summary
 
     show_ray_progress(debug)
-    result = _reporting_errors(lambda: run_job(job, ray_address=ray_address), debug)
+    result = _reporting_errors(lambda: run_job(job, ray_address=ray_address, fresh=force), debug)
     click.echo(format_summary(result))
     click.echo(next_commands(result))
 

@@ -30,3 +30,12 @@ class EngineError(AugmentRayError):
 class RunFailedError(AugmentRayError):
     """The run went wrong as a whole: a step rejected too many rows, rows went missing, an
     engine kept dying. Nothing is committed; the model answers so far are kept for a rerun."""
+
+
+class OutputLeasedError(StorageError):
+    """Another run holds the output's lease: two runs must not write one output."""
+
+
+class LeaseLostError(RunFailedError):
+    """This run's lease on its output was taken over (it stopped renewing it for too long), so
+    it must not commit: the run that took it over writes the output."""

@@ -9,6 +9,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,8 +20,17 @@ from augment_ray.config.io import InputSpec
 from augment_ray.config.job import JobSpec
 from augment_ray.curate.diversity import add_diversity
 from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
-from augment_ray.io.committed import STARTED, committed_run, spec_digest, spec_json, started_by
+from augment_ray.io.committed import (
+    STARTED,
+    SUCCESS,
+    committed_run,
+    has_marker,
+    spec_digest,
+    spec_json,
+    started_by,
+)
 from augment_ray.io.journal import WORK_DIR, journaled_counts
+from augment_ray.io.lease import OutputLease, output_lease
 from augment_ray.io.read import (
     InputShard,
     check_first_shard,
@@ -36,6 +46,7 @@ from augment_ray.io.write import (
     WriteStats,
     code_version,
     commit,
+    create_output_folder,
     prepare_output,
     write_json,
 )
@@ -189,10 +200,12 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
+def run_job(job: JobSpec, *, ray_address: str | None = None, fresh: bool = False
+            ) -> dict[str, Any]:
     """Run `job` to completion and return its summary. Raises AugmentRayError subclasses for
     anything the user can fix; the output is committed (_SUCCESS) only after every row is
-    written, to data/ or _rejects/, and the run's accounting balances."""
+    written, to data/ or _rejects/, and the run's accounting balances. `fresh` (--force)
+    discards an unfinished attempt's journal instead of resuming it."""
     started, started_wall = time.perf_counter(), time.time()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     run_id = new_run_id()
@@ -206,8 +219,32 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     check_given_ids_unique(job.input, shards)
     steps = build_steps(job)
     check_column_clashes(steps, columns)
-    prepare_output(output, *output_mode(job, output))
-    write_json(output, STARTED, {"run_id": run_id, "job_digest": spec_digest(job)})
+    create_output_folder(output)
+    lease = output_lease(output, run_id, job.name, job.reliability.lease_timeout_s)
+    with lease.held():
+        # another run may have committed this output while we checked the input
+        earlier = committed_summary(job, output)
+        if earlier is not None:
+            return earlier
+        prepare_output(output, *output_mode(job, output, fresh))
+        write_json(output, STARTED, {"run_id": run_id, "job_digest": spec_digest(job)})
+        clock = RunClock(run_id, started, started_at, started_wall)
+        return run_steps(job, output, shards, steps, lease, clock, ray_address)
+
+
+@dataclass(frozen=True)
+class RunClock:
+    run_id: str
+    started: float  # perf_counter
+    started_at: str  # ISO time, for the summary
+    started_wall: float  # epoch seconds, for step timings
+
+
+def run_steps(job: JobSpec, output: Location, shards: list[InputShard], steps: list[Step],
+              lease: OutputLease, clock: RunClock, ray_address: str | None) -> dict[str, Any]:
+    """The run itself, on a prepared output whose lease this run holds: steps, accounting,
+    summary, commit."""
+    run_id = clock.run_id
     for step in steps:
         step.prepare()
 
@@ -224,16 +261,17 @@ def run_job(job: JobSpec, *, ray_address: str | None = None) -> dict[str, Any]:
     summary = build_summary(
         job_name=job.name, run_id=run_id, input_uri=job.input.uri, output_uri=job.output.uri,
         input_files=len(shards), steps=[step.describe() for step in steps], stats=stats,
-        wall_seconds=time.perf_counter() - started, started_at=started_at,
+        wall_seconds=time.perf_counter() - clock.started, started_at=clock.started_at,
     )
     summary["accounting"] = accounting
-    add_step_timing(summary["steps"], timing, started_wall)
+    add_step_timing(summary["steps"], timing, clock.started_wall)
     if work is not None:
         summary["journal"] = journaled_counts(work, run_id)
     check_reject_shares(job, summary["steps"])
     manifest = manifest_of(job, run_id, shards, stats, staging)
     # from the written (staged) shards, so _summary.json is written once, before _SUCCESS
     add_diversity(summary["steps"], staging, manifest, job.report.diversity_sample)
+    lease.check()  # a run whose lease was taken over must not commit over its taker
     commit(output, manifest, summary, remove_after=(WORK_DIR,))
     return summary
 
@@ -255,13 +293,19 @@ def committed_summary(job: JobSpec, output: Location) -> dict[str, Any] | None:
     return {**done["summary"], "skipped": "already committed"}
 
 
-def output_mode(job: JobSpec, output: Location) -> tuple[str, tuple[str, ...]]:
-    """(write mode, entries to keep) for prepare_output: an unfinished attempt of this very
-    job (a killed driver, a retried RayJob, a failed date submitted again) is resumed: cleared
-    except for the journal of answers it already paid for."""
-    if job.output.mode == "error-if-exists" and started_by(output) == spec_digest(job):
+def output_mode(job: JobSpec, output: Location, fresh: bool = False
+                ) -> tuple[str, tuple[str, ...]]:
+    """(write mode, entries to keep) for prepare_output. An unfinished attempt of this very job
+    (a killed driver, a retried RayJob, a failed date submitted again: its _STARTED names this
+    job and there is no _SUCCESS) is resumed in either output mode: cleared except for the
+    journal of answers it already paid for. output.mode overwrite replaces a committed output
+    or another job's files; `fresh` starts over whatever is there."""
+    if fresh:
+        return "overwrite", ()
+    if started_by(output) == spec_digest(job) and not has_marker(output, SUCCESS):
         log.info("Output %s holds an unfinished attempt of this job; resuming it (answers it "
-                 "journaled are replayed, everything else runs again).", job.output.uri)
+                 "journaled are replayed, everything else runs again; --force starts over).",
+                 redact_uri(job.output.uri))
         return "overwrite", (WORK_DIR,)
     return job.output.mode, ()
 

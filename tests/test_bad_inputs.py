@@ -397,7 +397,7 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path):
     out = parent / "out"
     try:
         done = run_cli(tmp_path, job_data(case, out))
-        assert_cli_error(done, f"error: Cannot prepare output {out}: ", "Permission denied")
+        assert_cli_error(done, f"error: Cannot create the output folder {out}: ", "Permission denied")
         assert not out.exists()
     finally:
         parent.chmod(0o700)
@@ -410,7 +410,7 @@ def test_unwritable_output_path_is_a_clear_error_even_for_root(tmp_path):
         pytest.skip("needs /sys")
     case = bad_inputs.blank_instructions(tmp_path / "in")
     done = run_cli(tmp_path, job_data(case, out))
-    assert_cli_error(done, f"error: Cannot prepare output {out}: ",
+    assert_cli_error(done, f"error: Cannot create the output folder {out}: ",
                      "Operation not permitted")
     assert not out.exists()
 

@@ -88,3 +88,32 @@ def test_submit_refuses_a_secret_given_as_an_env_name_without_echoing_it(tmp_pat
     assert json.dumps(SubmitPlan(address="a", job_file="j", ds="d", base_id="b",
                                  env_names=["K"]).runtime_env({"K": "v"})["env_vars"]) == \
         '{"K": "v"}'
+
+
+def test_an_unfinished_attempt_is_resumed_in_both_output_modes(tmp_path):
+    from augment_ray.io.committed import STARTED, SUCCESS
+    from augment_ray.io.journal import WORK_DIR
+    from augment_ray.pipeline import output_mode
+
+    def job(mode: str, steps: list | None = None):
+        return parse_job({"input": {"uri": str(tmp_path / "in")},
+                          "output": {"uri": str(tmp_path / "out"), "mode": mode},
+                          "steps": steps or [{"kind": "dedup_exact"}]})
+
+    out = location(str(tmp_path / "out"), None)
+    (tmp_path / "out").mkdir()
+    assert output_mode(job("error-if-exists"), out) == ("error-if-exists", ())
+    assert output_mode(job("overwrite"), out) == ("overwrite", ())
+    (tmp_path / "out" / STARTED).write_text(json.dumps({"job_digest": spec_digest(job(
+        "overwrite"))}))
+    resumed = ("overwrite", (WORK_DIR,))
+    assert output_mode(job("error-if-exists"), out) == resumed
+    assert output_mode(job("overwrite"), out) == resumed
+    assert output_mode(job("overwrite"), out, fresh=True) == ("overwrite", ())  # --force
+    # another job's attempt is not resumed: refused, or replaced under overwrite
+    other = job("error-if-exists", [{"kind": "dedup_near"}])
+    assert output_mode(other, out) == ("error-if-exists", ())
+    assert output_mode(job("overwrite", [{"kind": "dedup_near"}]), out) == ("overwrite", ())
+    # a committed output of this job is no attempt to resume: overwrite replaces it
+    (tmp_path / "out" / SUCCESS).write_text("{}")
+    assert output_mode(job("overwrite"), out) == ("overwrite", ())

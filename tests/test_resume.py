@@ -69,9 +69,9 @@ def journaled_answers(folder: Path) -> int:
     return sum(pq.read_metadata(f).num_rows for f in folder.glob("[!.]*.parquet"))
 
 
-def run_cli(job_file: Path, **kwargs) -> subprocess.Popen:
+def run_cli(job_file: Path, *flags: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ""}
-    return subprocess.Popen([*CLI, "run", str(job_file)], stdout=subprocess.PIPE,
+    return subprocess.Popen([*CLI, "run", str(job_file), *flags], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, **kwargs)
 
@@ -90,18 +90,22 @@ def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_output(tmp_path):
     whole_seconds = time.perf_counter() - started
     assert whole.returncode == 0, whole_out[-3000:]
 
-    # kill the driver and the Ray it started (one process group) once answers are journaled
-    killed = run_cli(jobs["killed"])
+    # kill the driver and the Ray it started (one process group) once answers are journaled;
+    # then kill the resumed attempt too, this time under --overwrite: both modes resume
     journal = tmp_path / "killed" / "_work" / "refine"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and journaled_answers(journal) < 20:
-        assert killed.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=60)
-    assert not (tmp_path / "killed" / "_SUCCESS").exists()
+    for flags, answers in (((), 12), (("--overwrite",), 24)):
+        killed = run_cli(jobs["killed"], *flags)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and journaled_answers(journal) < answers:
+            assert killed.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed_out, _ = killed.communicate(timeout=60)
+        assert not (tmp_path / "killed" / "_SUCCESS").exists()
+        if flags:
+            assert "resuming it" in killed_out
     journaled = journaled_answers(journal)
-    assert 20 <= journaled < 40
+    assert 24 <= journaled < 40
 
     started = time.perf_counter()
     rerun = run_cli(jobs["killed"])

@@ -30,6 +30,12 @@ class ReliabilitySpec(Spec):
     max_reject_share: float = Field(
         0.9, ge=0.0, le=1.0, description="a step that rejects more than this share of the rows "
         "it gets fails the run (nothing is committed); a step's own max_reject_share overrides it")
+    # exclude: how long a dead run's lease blocks a rerun is not what the job computes
+    lease_timeout_s: float = Field(
+        120.0, gt=0, exclude=True, description="a run holds a lease on its output and renews it "
+        "every quarter of this; another run of the same output is refused while the lease is "
+        "fresh and takes it over once it has not been renewed for this long (at once when its "
+        "holder ran on the same host and its process is gone)")
 
 
 class ReportSpec(Spec):

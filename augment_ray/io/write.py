@@ -37,6 +37,7 @@ from ray.data.datasource.datasink import WriteResult
 
 from augment_ray.errors import StorageError
 from augment_ray.io.committed import MANIFEST, SUCCESS, SUMMARY
+from augment_ray.io.lease_stores import LEASE
 from augment_ray.rows import ORIGIN_STEP, REJECT_COLUMNS, REJECT_REASON, REJECT_STEP
 from augment_ray.storage import Location, describe_os_error
 
@@ -159,6 +160,18 @@ class RoutingParquetSink(Datasink[WriteStats]):
             self.result.add(stats)
 
 
+def create_output_folder(output: Location) -> None:
+    """The output folder, before its lease is taken in it: a clear error when it is a file or
+    cannot be made (object stores have no folders: nothing to do there)."""
+    try:
+        if output.file_info().type == pafs.FileType.File:
+            raise StorageError(f"Output {output.uri} is a file; it must be a folder or prefix.")
+        if output.is_local:
+            output.fs.create_dir(output.path, recursive=True)
+    except (OSError, pa.ArrowException) as error:
+        raise describe_os_error(output, "create the output folder", error) from None
+
+
 def prepare_output(output: Location, mode: str, keep: tuple[str, ...] = ()) -> None:
     """Apply the write mode before any work starts: refuse or clear an existing output (except
     the entries named in `keep`, e.g. the journal of an attempt being resumed)."""
@@ -168,6 +181,8 @@ def prepare_output(output: Location, mode: str, keep: tuple[str, ...] = ()) -> N
             raise StorageError(f"Output {output.uri} is a file; it must be a folder or prefix.")
         entries = output.fs.get_file_info(pafs.FileSelector(output.path, recursive=False)) \
             if info.type == pafs.FileType.Directory else []
+        # the lease (and its lock) is this run's, taken before the output is prepared
+        entries = [entry for entry in entries if not entry.base_name.startswith(LEASE)]
         if entries and mode == "error-if-exists":
             raise StorageError(
                 f"Output {output.uri} already holds files. Choose another output.uri, or set "
