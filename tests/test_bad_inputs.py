@@ -397,7 +397,9 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path):
     out = parent / "out"
     try:
         done = run_cli(tmp_path, job_data(case, out))
-        assert_cli_error(done, f"error: Cannot create the output folder {out}: ", "Permission denied")
+        assert_cli_error(
+            done, f"error: Cannot create the output folder {out}: ", "Permission denied"
+        )
         assert not out.exists()
     finally:
         parent.chmod(0o700)
