@@ -39,3 +39,7 @@ class OutputLeasedError(StorageError):
 class LeaseLostError(RunFailedError):
     """This run's lease on its output was taken over (it stopped renewing it for too long), so
     it must not commit: the run that took it over writes the output."""
+
+
+class ObjectReadError(StorageError):
+    """An object could not be read, after its retries (the message names it)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,6 +21,7 @@ import pyarrow.fs as pafs
 from augment_ray.config.base import StorageOptions
 from augment_ray.errors import StorageError
 from augment_ray.names import CONVENTIONAL_ENV_VAR_NAME
+from augment_ray.retrying_reads import retrying_reads
 
 OSS_KEY_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET")
 
@@ -73,9 +75,27 @@ def local_filesystem(scheme: str, options: StorageOptions) -> pafs.LocalFileSyst
     return pafs.LocalFileSystem()
 
 
-@filesystem("s3", "oss")
-def s3_filesystem(scheme: str, options: StorageOptions) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+@dataclass(frozen=True)
+class S3Connection:
+    """Where and how to reach an S3-compatible store, resolved once from StorageOptions and the
+    environment, for both clients: pyarrow's S3FileSystem and boto3's (the output lease)."""
+
+    endpoint_url: str | None  # scheme://host[:port]; None: the AWS endpoint of the region
+    region: str | None
+    virtual_addressing: bool
+    anonymous: bool
+    max_attempts: int
+    retry_mode: str  # "standard" | "legacy"
+    connect_timeout_s: float
+    request_timeout_s: float
+    # None with anonymous False: the AWS SDK's default chain (env vars, AWS_PROFILE, roles)
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+def s3_connection(scheme: str, options: StorageOptions) -> S3Connection:
+    """The endpoint, addressing, credentials and retry settings for an s3:// or oss:// URI."""
     endpoint = options.endpoint
     if scheme == "oss" and endpoint is None:
         if options.region is None:
@@ -84,35 +104,124 @@ def s3_filesystem(scheme: str, options: StorageOptions) -> pafs.S3FileSystem:
                 "storage.region (e.g. cn-hangzhou)."
             )
         endpoint = f"oss-{options.region}.aliyuncs.com"
+    endpoint_url = None
     if endpoint is not None:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise StorageError(f"storage.endpoint {endpoint!r} is not a host or http(s) URL.")
-        kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme
-    if options.region is not None:
-        kwargs["region"] = options.region
+        endpoint_url = f"{parsed.scheme}://{parsed.netloc}"
     addressing = options.addressing
     if addressing == "auto":
         addressing = "virtual" if scheme == "oss" else "path"
-    kwargs["force_virtual_addressing"] = addressing == "virtual"
+    return S3Connection(
+        endpoint_url=endpoint_url, region=options.region,
+        virtual_addressing=addressing == "virtual", anonymous=options.anonymous,
+        max_attempts=options.max_attempts, retry_mode=options.retry_mode,
+        connect_timeout_s=options.connect_timeout_s,
+        request_timeout_s=options.request_timeout_s,
+        **({} if options.anonymous else _credentials(scheme, options)),
+    )
 
-    if options.anonymous:
-        kwargs["anonymous"] = True
-    elif options.access_key_id_env or options.secret_access_key_env:
+
+def _credentials(scheme: str, options: StorageOptions) -> dict[str, str]:
+    """access_key, secret_key (and session_token) from the env vars the options name; for
+    oss:// the OSS_ACCESS_KEY_* pair; empty for the AWS SDK's default chain."""
+    if options.access_key_id_env or options.secret_access_key_env:
         if not (options.access_key_id_env and options.secret_access_key_env):
             raise StorageError(
                 "storage.access_key_id_env and storage.secret_access_key_env go together."
             )
-        kwargs["access_key"] = _env(options.access_key_id_env, "access_key_id_env")
-        kwargs["secret_key"] = _env(options.secret_access_key_env, "secret_access_key_env")
+        keys = {"access_key": _env(options.access_key_id_env, "access_key_id_env"),
+                "secret_key": _env(options.secret_access_key_env, "secret_access_key_env")}
         if options.session_token_env:
-            kwargs["session_token"] = _env(options.session_token_env, "session_token_env")
-    elif scheme == "oss" and all(os.environ.get(name) for name in OSS_KEY_ENV):
-        kwargs["access_key"] = os.environ[OSS_KEY_ENV[0]]
-        kwargs["secret_key"] = os.environ[OSS_KEY_ENV[1]]
-    # otherwise: the AWS SDK's default chain (env vars, AWS_PROFILE, instance role)
+            keys["session_token"] = _env(options.session_token_env, "session_token_env")
+        return keys
+    if scheme == "oss" and all(os.environ.get(name) for name in OSS_KEY_ENV):
+        return {"access_key": os.environ[OSS_KEY_ENV[0]],
+                "secret_key": os.environ[OSS_KEY_ENV[1]]}
+    return {}
+
+
+def pyarrow_s3(connection: S3Connection) -> pafs.S3FileSystem:
+    """pyarrow's own S3 filesystem for `connection` (no read retries added)."""
+    strategy = (pafs.AwsStandardS3RetryStrategy if connection.retry_mode == "standard"
+                else pafs.AwsDefaultS3RetryStrategy)
+    kwargs: dict = {
+        "force_virtual_addressing": connection.virtual_addressing,
+        "retry_strategy": strategy(max_attempts=connection.max_attempts),
+        "connect_timeout": connection.connect_timeout_s,
+        # the AWS SDK's curl client aborts a request that receives nothing for this long
+        "request_timeout": connection.request_timeout_s,
+    }
+    if connection.endpoint_url is not None:
+        parsed = urlparse(connection.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    if connection.region is not None:
+        kwargs["region"] = connection.region
+    if connection.anonymous:
+        kwargs["anonymous"] = True
+    elif connection.access_key is not None:
+        kwargs["access_key"] = connection.access_key
+        kwargs["secret_key"] = connection.secret_key
+        if connection.session_token is not None:
+            kwargs["session_token"] = connection.session_token
     return pafs.S3FileSystem(**kwargs)
+
+
+@filesystem("s3", "oss")
+def s3_filesystem(scheme: str, options: StorageOptions) -> pafs.FileSystem:
+    """pyarrow's S3 filesystem whose input files also retry what the AWS SDK does not."""
+    connection = s3_connection(scheme, options)
+    return retrying_reads(pyarrow_s3(connection), scheme, connection.max_attempts)
+
+
+def boto3_client(scheme: str, options: StorageOptions):  # -> botocore S3 client
+    """A boto3 S3 client for the same store, credentials and retry settings as the pyarrow
+    filesystem: for what pyarrow cannot do (conditional writes: the output lease)."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    connection = s3_connection(scheme, options)
+    config = Config(
+        retries={"total_max_attempts": connection.max_attempts, "mode": connection.retry_mode},
+        connect_timeout=connection.connect_timeout_s,
+        read_timeout=connection.request_timeout_s,
+        s3={"addressing_style": "virtual" if connection.virtual_addressing else "path"},
+        **({"signature_version": UNSIGNED} if connection.anonymous else {}),
+    )
+    if connection.virtual_addressing and connection.endpoint_url is not None and \
+            urlparse(connection.endpoint_url).hostname == "localhost":
+        resolve_localhost_subdomains()
+    # a session of its own: boto3's default session is not safe to share between threads
+    return boto3.session.Session().client(
+        "s3", endpoint_url=connection.endpoint_url, region_name=connection.region,
+        aws_access_key_id=connection.access_key, aws_secret_access_key=connection.secret_key,
+        aws_session_token=connection.session_token, config=config,
+    )
+
+
+def resolve_localhost_subdomains() -> None:
+    """Resolve NAME.localhost to loopback in this process, as RFC 6761 asks and as pyarrow's
+    libcurl does by itself: a virtual-hosted request to a local endpoint (http://localhost:PORT,
+    MinIO or a test server) goes to BUCKET.localhost, which glibc without nss-myhostname does
+    not resolve. Names the system resolves are left to it."""
+    if getattr(socket.getaddrinfo, "_localhost_subdomains", False):
+        return
+    system_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        try:
+            return system_getaddrinfo(host, *args, **kwargs)
+        except socket.gaierror:
+            name = host.decode() if isinstance(host, bytes) else str(host)
+            if not name.rstrip(".").endswith(".localhost"):
+                raise
+            return system_getaddrinfo("localhost", *args, **kwargs)
+
+    getaddrinfo._localhost_subdomains = True  # type: ignore[attr-defined]
+    socket.getaddrinfo = getaddrinfo
 
 
 @dataclass(frozen=True)
@@ -181,8 +290,15 @@ def location(uri: str, options: StorageOptions | None) -> Location:
     return loc
 
 
-def describe_os_error(loc: Location, action: str, error: Exception) -> StorageError:
-    """Turn a pyarrow/OS error into one sentence naming the URI; drops nothing the user needs."""
+# AWS SDK error codes of failures a retry may fix (as squashed by describe_os_error)
+TRANSIENT_CODES = ("slowdown", "serviceunavailable", "internalerror", "internalfailure",
+                   "networkconnection", "requesttimeout", "throttl", "curlcode")
+
+
+def describe_os_error(loc: Location, action: str, error: Exception,
+                      after: str = "") -> StorageError:
+    """Turn a pyarrow/OS error into one sentence naming the URI ("Cannot ACTION URI AFTER:
+    what went wrong."); drops nothing the user needs."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     text = text.rstrip(".")
     userinfo = urlparse(loc.uri).netloc.rpartition("@")[0]
@@ -198,4 +314,7 @@ def describe_os_error(loc: Location, action: str, error: Exception) -> StorageEr
         "bucket" in squashed and "notfound" in squashed
     ):
         hint = " The bucket does not exist."
-    return StorageError(f"Cannot {action} {redact_uri(loc.uri)}: {text}.{hint}")
+    elif any(code in squashed for code in TRANSIENT_CODES):
+        hint = (" The store kept failing through storage.max_attempts tries (throttling, "
+                "server or network errors); try again later, or raise storage.max_attempts.")
+    return StorageError(f"Cannot {action} {redact_uri(loc.uri)}{after}: {text}.{hint}")

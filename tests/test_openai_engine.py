@@ -17,14 +17,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reverse_proxy import Action, Answer, Forward, ProxyRequest, ReverseProxy, running
 
 from augment_ray.config.base import SamplingParams
 from augment_ray.config.job import parse_job
@@ -40,7 +40,7 @@ SENTINEL_KEY = "sk-test-sentinel-7f3a9c0e51"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ==== a fault-injecting reverse proxy ===========================================================
+# ==== a fault-injecting reverse proxy (one of tests/reverse_proxy.py) ===========================
 
 @dataclass(frozen=True)
 class Seen:
@@ -61,102 +61,56 @@ def forward_all(seen: Seen) -> Reply | None:
     return None
 
 
-@dataclass
-class FaultProxy:
-    upstream: str | None  # e.g. http://127.0.0.1:8000 (no /v1); None: the script answers all
-    script: Script = forward_all
-    die_after_responses: int | None = None  # subprocess mode only: SIGKILL itself
-    seen: list[Seen] = field(default_factory=list)
-    forwarded: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _attempts: dict[str, int] = field(default_factory=dict)
-    _sent: int = 0
+class FaultProxy(ReverseProxy):
+    """The reverse proxy in front of an OpenAI-compatible server (`upstream`, e.g.
+    http://127.0.0.1:8000, no /v1; None: the script answers all): `script` sees every POST as a
+    Seen and answers it or lets it through. `die_after_responses` (subprocess mode): the
+    proxy SIGKILLs itself after that many answers; later requests hang until it dies."""
 
-    def start(self) -> FaultProxy:
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, headers, body = proxy.handle(self.path, dict(self.headers), raw)
-                last = proxy.before_reply()
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
-                proxy.after_reply(last)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._upstream_client = httpx.Client(timeout=60)
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+    def __init__(self, upstream: str | None, script: Script = forward_all,
+                 die_after_responses: int | None = None) -> None:
+        super().__init__(upstream)
+        self.script = script
+        self.die_after_responses = die_after_responses
+        self.seen: list[Seen] = []
+        self._attempts: dict[str, int] = {}
+        self._numbers: dict[int, int] = {}  # request index -> its place in arrival order
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.url}/v1"
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._upstream_client.close()
-
-    def handle(self, path: str, headers: dict[str, str], raw: bytes) -> Reply:
-        body = json.loads(raw)
+    def decide(self, request: ProxyRequest) -> Action:
+        if request.method != "POST":
+            return Answer(501)
+        body = json.loads(request.body)
         with self._lock:
             key = json.dumps(body.get("messages"))
             self._attempts[key] = self._attempts.get(key, 0) + 1
-            seen = Seen(len(self.seen), self._attempts[key], headers, body)
+            seen = Seen(len(self.seen), self._attempts[key], request.headers, body)
             self.seen.append(seen)
         if self.die_after_responses is not None:
             print("received", flush=True)
+            self._hang_past_the_last(request)
         reply = self.script(seen)
-        if reply is not None:
-            return reply
-        assert self.upstream is not None, "this proxy has no upstream"
-        response = self._upstream_client.post(
-            self.upstream + path, content=raw, headers={"Content-Type": "application/json"}
-        )
-        with self._lock:
-            self.forwarded += 1
-        return response.status_code, {"Content-Type": "application/json"}, response.content
+        if reply is None:
+            return Forward()
+        status, headers, content = reply
+        return Answer(status, content, headers)
 
-    def before_reply(self) -> bool:
-        """Subprocess mode: True for the last reply before dying; later replies never go."""
-        if self.die_after_responses is None:
-            return False
+    def _hang_past_the_last(self, request: ProxyRequest) -> None:
+        """Subprocess mode: requests after the last one answered never get an answer."""
         with self._lock:
-            self._sent += 1
-            sent = self._sent
-        if sent > self.die_after_responses:  # the process dies with this request in flight
-            time.sleep(3600)
-        return sent == self.die_after_responses
+            self._numbers[request.index] = len(self._numbers) + 1
+            number = self._numbers[request.index]
+        if self.die_after_responses is not None and number > self.die_after_responses:
+            time.sleep(3600)  # the process dies with this request in flight
 
-    def after_reply(self, last: bool) -> None:
-        if last:
+    def replied(self, request: ProxyRequest) -> None:
+        if self.die_after_responses is not None and \
+                self._numbers.get(request.index) == self.die_after_responses:
             time.sleep(0.5)  # let the client send its next requests, so some are in flight
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def running(proxy: FaultProxy) -> Iterator[FaultProxy]:
-    proxy.start()
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
 
 
 def answer(status: int, text: str = "", **headers: str) -> Reply:

@@ -1,18 +1,34 @@
-"""augment_ray.storage: URI -> path and filesystem, S3/OSS options, credentials kept out of
-pickles and error messages. No network: building an S3FileSystem does not connect."""
+"""augment_ray.storage: URI -> path and filesystem, S3/OSS options, retry settings, credentials
+kept out of pickles and error messages (no network: building an S3FileSystem does not connect);
+then, against the local S3 server, the boto3 client and the reads that retry what the AWS SDK
+does not."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+from reverse_proxy import Answer, Forward, ProxyRequest, ReverseProxy, running
+from s3_faults import classify, error_body
 
 from augment_ray.config.base import StorageOptions
 from augment_ray.config.job import parse_job
-from augment_ray.errors import JobSpecError, StorageError
-from augment_ray.storage import Location, describe_os_error, location, s3_filesystem
+from augment_ray.errors import JobSpecError, ObjectReadError, StorageError
+from augment_ray.io.committed import spec_digest
+from augment_ray.retrying_reads import RetryingReadsHandler
+from augment_ray.storage import (
+    Location,
+    boto3_client,
+    describe_os_error,
+    location,
+    pyarrow_s3,
+    s3_connection,
+    s3_filesystem,
+)
 
 SENTINEL_KEY_ID = "SENTINEL-KEYID-456"
 SENTINEL_SECRET = "SENTINEL-SECRET-123"
@@ -31,9 +47,11 @@ def _no_ambient_credentials(monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
-def fs_options(fs: pafs.S3FileSystem) -> dict:
-    """The options an S3FileSystem was built with (what it pickles as)."""
-    return fs.__reduce__()[1][0]
+def fs_options(fs: pafs.FileSystem) -> dict:
+    """The options the S3FileSystem inside Location.fs (a PyFileSystem whose input files retry
+    reads) was built with: what it pickles as."""
+    assert isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, RetryingReadsHandler)
+    return fs.handler.fs.__reduce__()[1][0]
 
 
 def keyed(**extra) -> StorageOptions:
@@ -129,7 +147,7 @@ def test_s3_endpoint_url_sets_scheme_host_and_region():
     assert options["endpoint_override"] == "127.0.0.1:9000"
     assert options["scheme"] == "http"
     assert options["region"] == "us-west-2"
-    assert fs.region == "us-west-2"
+    assert fs.handler.fs.region == "us-west-2"
     assert options["force_virtual_addressing"] is False
 
 
@@ -369,3 +387,146 @@ def test_a_scheme_without_a_registered_filesystem_is_named_with_the_known_ones()
                                            r"oss://, s3://\)"):
         _ = location("gs://bucket/data", None).fs
     assert isinstance(location("/tmp/x", None).fs, pafs.LocalFileSystem)
+
+
+# ---- retry settings ---------------------------------------------------------------------------
+
+
+def test_retry_settings_have_defaults_and_reach_pyarrow():
+    connection = s3_connection("s3", StorageOptions())
+    assert (connection.max_attempts, connection.retry_mode) == (10, "standard")
+    assert (connection.connect_timeout_s, connection.request_timeout_s) == (10.0, 30.0)
+    options = fs_options(s3_filesystem("s3", StorageOptions(connect_timeout_s=2.5,
+                                                            request_timeout_s=7)))
+    assert (options["connect_timeout"], options["request_timeout"]) == (2.5, 7.0)
+    with pytest.raises(ValueError, match="retry_mode"):
+        StorageOptions(retry_mode="adaptive")
+    with pytest.raises(ValueError, match="max_attempts"):
+        StorageOptions(max_attempts=0)
+
+
+def test_retry_settings_stay_out_of_the_job_digest():
+    plain = parse_job(job({"endpoint": "http://127.0.0.1:9000"}))
+    patient = parse_job(job({"endpoint": "http://127.0.0.1:9000", "max_attempts": 25,
+                             "retry_mode": "legacy", "request_timeout_s": 90}))
+    assert patient.input.storage.max_attempts == 25
+    assert spec_digest(plain) == spec_digest(patient)
+    # the endpoint is part of what the job reads, so it does change the digest
+    other = parse_job(job({"endpoint": "http://127.0.0.1:9001"}))
+    assert spec_digest(other) != spec_digest(plain)
+
+
+def test_connection_keeps_keys_out_of_its_repr(monkeypatch):
+    monkeypatch.setenv("TEST_KEY_ID", SENTINEL_KEY_ID)
+    monkeypatch.setenv("TEST_SECRET", SENTINEL_SECRET)
+    connection = s3_connection("s3", keyed(endpoint="minio:9000"))
+    assert connection.secret_key == SENTINEL_SECRET
+    assert connection.endpoint_url == "https://minio:9000"
+    assert SENTINEL_SECRET not in repr(connection) and SENTINEL_KEY_ID not in repr(connection)
+
+
+def test_boto3_client_has_the_same_endpoint_keys_and_retry_settings(monkeypatch):
+    monkeypatch.setenv("TEST_KEY_ID", SENTINEL_KEY_ID)
+    monkeypatch.setenv("TEST_SECRET", SENTINEL_SECRET)
+    client = boto3_client("oss", keyed(region="cn-hangzhou", max_attempts=4,
+                                       retry_mode="legacy", connect_timeout_s=3,
+                                       request_timeout_s=8))
+    config = client.meta.config
+    assert client.meta.endpoint_url == "https://oss-cn-hangzhou.aliyuncs.com"
+    assert client.meta.region_name == "cn-hangzhou"
+    assert config.retries == {"total_max_attempts": 4, "mode": "legacy"}
+    assert (config.connect_timeout, config.read_timeout) == (3, 8)
+    assert config.s3 == {"addressing_style": "virtual"}
+    assert client._request_signer._credentials.secret_key == SENTINEL_SECRET
+
+
+# ---- against the local S3 server --------------------------------------------------------------
+
+
+def local_options(local_s3, **overrides) -> StorageOptions:
+    return StorageOptions(**{
+        "endpoint": local_s3.endpoint, "region": "us-east-1", "addressing": "path",
+        "access_key_id_env": local_s3.key_id_env, "secret_access_key_env": local_s3.secret_env,
+        **overrides})
+
+
+@pytest.mark.parametrize("addressing", ["path", "virtual"])
+def test_boto3_client_writes_conditionally_and_reads_back(local_s3, addressing):
+    endpoint = f"http://{'localhost' if addressing == 'virtual' else '127.0.0.1'}:{local_s3.port}"
+    client = boto3_client("s3", local_options(local_s3, endpoint=endpoint,
+                                              addressing=addressing))
+    key = f"boto3-{addressing}/lease"
+    start = len(local_s3.requests)
+    client.put_object(Bucket=local_s3.bucket, Key=key, Body=b"first", IfNoneMatch="*")
+    with pytest.raises(client.exceptions.ClientError) as error:
+        client.put_object(Bucket=local_s3.bucket, Key=key, Body=b"second", IfNoneMatch="*")
+    assert error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert client.get_object(Bucket=local_s3.bucket, Key=key)["Body"].read() == b"first"
+    hosts = {host for host, _ in local_s3.requests[start:]}
+    expected = f"{local_s3.bucket}.localhost" if addressing == "virtual" else "127.0.0.1"
+    assert hosts == {f"{expected}:{local_s3.port}"}
+
+
+class FirstReadsFail(ReverseProxy):
+    """Answers the first `failures` attempts of every ranged GET with S3's 503 SlowDown."""
+
+    def __init__(self, upstream: str, failures: int) -> None:
+        super().__init__(upstream)
+        self.failures = failures
+        self.tries: dict[tuple[str, str], int] = {}
+
+    def decide(self, request: ProxyRequest) -> Forward | Answer:
+        s3 = classify(request)
+        if s3.operation != "read":
+            return Forward()
+        ranged = (s3.object, request.headers.get("range", request.headers.get("Range", "")))
+        with self._lock:
+            self.tries[ranged] = self.tries.get(ranged, 0) + 1
+            tries = self.tries[ranged]
+        if tries > self.failures:
+            return Forward()
+        return Answer(503, error_body("SlowDown", "Please reduce your request rate.", s3.object),
+                      {"Content-Type": "application/xml"})
+
+
+@pytest.fixture(scope="module")
+def small_objects(local_s3) -> dict[str, bytes]:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"n": [1, 2, 3]}), sink)
+    objects = {"retry/tiny.parquet": sink.getvalue().to_pybytes(),
+               "retry/blob.bin": bytes(range(256)) * 40}
+    for key, body in objects.items():
+        local_s3.client().put_object(Bucket=local_s3.bucket, Key=key, Body=body)
+    return objects
+
+
+def test_small_ranged_reads_are_retried_past_the_sdk(local_s3, small_objects):
+    """A 503 whose body is longer than the range asked for: the AWS SDK gives up on it at once
+    ("Failed to flush response stream"), our files try again."""
+    blob = small_objects["retry/blob.bin"]
+    with running(FirstReadsFail(local_s3.endpoint, failures=2)) as proxy:
+        # legacy: the SDK's own retries of the larger reads back off in milliseconds
+        options = local_options(local_s3, endpoint=proxy.url, retry_mode="legacy")
+        loc = location(f"s3://{local_s3.bucket}/retry", options)
+        raw = s3_connection("s3", options)
+        with pytest.raises(OSError, match="Failed to flush response stream"):
+            pyarrow_s3(raw).open_input_file(loc.join("blob.bin").path).read_at(8, 1000)
+        with loc.fs.open_input_file(loc.join("blob.bin").path) as handle:
+            assert handle.read_at(8, 2000) == blob[2000:2008]
+        table = pq.read_table(loc.join("tiny.parquet").path, filesystem=loc.fs)
+        assert table["n"].to_pylist() == [1, 2, 3]
+        with loc.fs.open_input_stream(loc.join("blob.bin").path) as stream:
+            assert stream.read() == blob
+
+
+def test_a_read_failing_for_good_is_an_object_read_error_naming_it(local_s3, small_objects):
+    with running(FirstReadsFail(local_s3.endpoint, failures=1000)) as proxy:
+        loc = location(f"s3://{local_s3.bucket}/retry/blob.bin",
+                       local_options(local_s3, endpoint=proxy.url, max_attempts=3))
+        with pytest.raises(ObjectReadError) as error:
+            loc.fs.open_input_file(loc.path).read_at(8, 0)
+        assert sum(proxy.tries.values()) == 3
+    message = str(error.value)
+    assert message.startswith(f"Cannot read s3://{local_s3.bucket}/retry/blob.bin: ")
+    assert "after 3 tries" in message and "storage.max_attempts" in message
+    assert local_s3.secret_access_key not in message

@@ -36,6 +36,21 @@ class StorageOptions(Spec):
     session_token_env: str | None = Field(
         None, description="NAME of the env var holding a session token")
     anonymous: bool = Field(False, description="unsigned requests (public buckets)")
+    # exclude: how hard to retry is not what the job computes, so these stay out of the job
+    # digest (a rerun with other retry settings resumes the same run)
+    max_attempts: int = Field(
+        10, ge=1, le=100, exclude=True,
+        description="tries per request, the first included, before a read, write, listing or "
+        "commit step fails (503 SlowDown, 500, resets, timeouts are retried with backoff)")
+    retry_mode: Literal["standard", "legacy"] = Field(
+        "standard", exclude=True,
+        description="the AWS SDKs' retry mode: standard (a retry quota that shrinks while "
+        "requests keep failing) or legacy (no quota)")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, exclude=True, description="seconds to open a connection before retrying")
+    request_timeout_s: float = Field(
+        30.0, gt=0, exclude=True,
+        description="seconds a request may wait for the next byte before it is retried")
 
     @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
     @classmethod
@@ -113,6 +128,12 @@ class EngineSpec(Spec):
     # what the engine does: "chat" (answers prompts) or "embedding" (turns texts into vectors);
     # a step's engine fields name the role they need
     role: ClassVar[str] = "chat"
+
+    # the one field every kind shares as is, declared once (the docs list it last)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each replica needs besides its CPUs/GPUs, e.g. "
+        "{llm_node: 1} to place the pool on nodes started with --resources='{\"llm_node\": 1}'")
 
     @property
     def uses_ray_data_llm(self) -> bool:

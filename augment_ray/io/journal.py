@@ -18,6 +18,12 @@ cannot resume. The model calls are where the time goes (seconds per row against 
 everything else), and a request key (messages + sampling + which copy) names one answer whatever
 batch, actor or attempt produced it.
 
+Replay scales with the journal (journal_compact.py, journal_index.py): `Journal.open`, on the
+driver, folds earlier attempts' one-call files into a few compacted files and builds an index of
+16 bytes per answer (key hash, row group, row), read from the key columns only; the index goes in
+the object store once and actors read only the row groups their requests fall in. Neither the
+driver nor an actor ever holds all earlier answers.
+
 One mechanism, several kinds of result (`JournalKind`: the columns besides `key` and how values
 become rows and back): `GenerationJournal` keeps completions, keyed by request;
 `EmbeddingJournal` keeps embedding vectors, keyed by (model, text).
@@ -25,8 +31,6 @@ become rows and back): `GenerationJournal` keeps completions, keyed by request;
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,146 +45,72 @@ import pyarrow.parquet as pq
 import ray
 
 from augment_ray.config.base import SamplingParams
-from augment_ray.engines.base import Completion, GenerationFailure, Messages, numbered_copies
+from augment_ray.engines.base import Completion, GenerationFailure, Messages
+from augment_ray.io.journal_compact import COMPACTED, compact, list_journal
+from augment_ray.io.journal_index import (
+    EMPTY_DATA,
+    IndexData,
+    JournalIndex,
+    build_index,
+    read_keys,
+)
+from augment_ray.io.journal_kinds import (
+    COMPLETIONS,
+    KINDS,
+    SCHEMA,
+    VECTOR_SCHEMA,
+    VECTORS,
+    JournalKind,
+    completions_of,
+    embedding_key,
+    key_hash,
+    key_hashes,
+    request_key,
+    request_keys,
+    to_table,
+    vectors_of,
+    vectors_table,
+)
 from augment_ray.storage import Location, describe_os_error
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+
     from typing_extensions import Self
 
+__all__ = [
+    "COMPACTED", "COMPLETIONS", "EMPTY_INDEX", "KINDS", "SCHEMA", "VECTORS", "VECTOR_SCHEMA",
+    "WORK_DIR", "EmbeddingJournal", "GenerationJournal", "IndexData", "Journal", "JournalIndex",
+    "JournalKind", "completions_of", "embedding_key", "journaled_counts", "key_hash",
+    "key_hashes", "read_journal", "request_key", "request_keys", "to_table", "vectors_of",
+    "vectors_table",
+]
+
 log = logging.getLogger(__name__)
 
 WORK_DIR = "_work"
-SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("text", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("logprobs", pa.string()),  # JSON list of {token: logprob}, or null
-])
-
-
-def request_key(messages_json: str, sampling_json: str, salt: str) -> str:
-    payload = f"{messages_json}\x1f{sampling_json}\x1f{salt}".encode()
-    return hashlib.sha256(payload).hexdigest()[:32]
-
-
-def request_keys(prompts: Sequence[Messages], sampling: SamplingParams) -> list[str]:
-    """One key per request of an engine call; the n-th copy of the same prompt in the call (an
-    expansion's n, a consistency sample) gets its own key, as engines sample each copy anew."""
-    sampling_json = sampling.model_dump_json()
-    return [request_key(text, sampling_json, str(copy)) for text, copy in numbered_copies(prompts)]
-
-
-def to_table(keys: Sequence[str], completions: Sequence[Completion]) -> pa.Table:
-    return pa.table({
-        "key": pa.array(keys, pa.string()),
-        "text": pa.array([c.text for c in completions], pa.string()),
-        "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int32()),
-        "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int32()),
-        "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
-        "logprobs": pa.array([None if c.logprobs is None else json.dumps(c.logprobs)
-                              for c in completions], pa.string()),
-    }, schema=SCHEMA)
-
-
-def completions_of(table: pa.Table) -> list[Completion]:
-    values = table.select(SCHEMA.names).to_pylist()
-    return [Completion(
-        text=v["text"], prompt_tokens=v["prompt_tokens"],
-        completion_tokens=v["completion_tokens"], finish_reason=v["finish_reason"],
-        logprobs=None if v["logprobs"] is None else tuple(json.loads(v["logprobs"])),
-    ) for v in values]
-
-
-VECTOR_SCHEMA = pa.schema([("key", pa.string()), ("vector", pa.list_(pa.float32()))])
-
-
-def embedding_key(model: str, text: str) -> str:
-    """`model` names the model and everything that changes its vectors (e.g. the token cut)."""
-    return request_key(model, text, "embedding")
-
-
-def vectors_table(keys: Sequence[str], vectors: Sequence[np.ndarray] | np.ndarray) -> pa.Table:
-    matrix = np.asarray(vectors, dtype=np.float32).reshape(len(keys), -1)
-    offsets = np.arange(len(keys) + 1, dtype=np.int32) * matrix.shape[1]
-    return pa.table({"key": pa.array(keys, pa.string()),
-                     "vector": pa.ListArray.from_arrays(pa.array(offsets),
-                                                        pa.array(matrix.reshape(-1)))},
-                    schema=VECTOR_SCHEMA)
-
-
-def vectors_of(table: pa.Table) -> list[np.ndarray]:
-    column = table["vector"].combine_chunks()
-    if not len(column):
-        return []
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return list(flat.reshape(len(column), -1))
-
-
-@dataclass(frozen=True)
-class JournalKind:
-    """One kind of journaled result: its file schema (`key` first) and its codec."""
-
-    name: str
-    schema: pa.Schema
-    encode: Callable[[Sequence[str], Sequence[Any]], pa.Table]
-    decode: Callable[[pa.Table], list[Any]]  # every row of a table -> its value
-
-
-COMPLETIONS = JournalKind("completion", SCHEMA, to_table, completions_of)
-VECTORS = JournalKind("vector", VECTOR_SCHEMA, vectors_table, vectors_of)
-KINDS = {kind.name: kind for kind in (COMPLETIONS, VECTORS)}
-
-
-class JournalIndex:
-    """Earlier results by key. They stay one Arrow table (shared memory when it comes from the
-    object store); only the key -> row map is Python, and values are decoded on lookup."""
-
-    def __init__(self, table: pa.Table, kind: JournalKind = COMPLETIONS) -> None:
-        self.table = table.combine_chunks()
-        self.kind = kind
-        self.rows = {key: i for i, key in enumerate(self.table["key"].to_pylist())}
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def get(self, key: str) -> Any:
-        row = self.rows.get(key)
-        return None if row is None else self.kind.decode(self.table.slice(row, 1))[0]
-
-    def get_many(self, keys: Sequence[str]) -> list[Any]:
-        """The value of each key, None where none was journaled (one decode for all)."""
-        rows = [self.rows.get(key) for key in keys]
-        found = [row for row in rows if row is not None]
-        if not found:
-            return [None] * len(keys)
-        values = iter(self.kind.decode(self.table.take(pa.array(found, pa.int64()))))
-        return [None if row is None else next(values) for row in rows]
-
-    def __getitem__(self, key: str) -> Any:
-        found = self.get(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-
-EMPTY_INDEX = JournalIndex(SCHEMA.empty_table())
+EMPTY_INDEX = JournalIndex(EMPTY_DATA, COMPLETIONS)
 
 
 @lru_cache(maxsize=4)
-def _index(ref: ray.ObjectRef, kind: str = COMPLETIONS.name) -> JournalIndex:
-    """Built once per worker process for each journal."""
-    return JournalIndex(ray.get(ref), KINDS[kind])
+def _index(ref: ray.ObjectRef, kind: str, folder: Location) -> JournalIndex:
+    """Once per worker process for each journal: the arrays are views of the object store's
+    copy, shared by the workers of a node."""
+    return JournalIndex(ray.get(ref), KINDS[kind], folder.fs)
 
 
 @lru_cache(maxsize=len(KINDS))
 def _empty_index(kind: str) -> JournalIndex:
-    return EMPTY_INDEX if kind == COMPLETIONS.name else JournalIndex(
-        KINDS[kind].schema.empty_table(), KINDS[kind])
+    return EMPTY_INDEX if kind == COMPLETIONS.name else JournalIndex(EMPTY_DATA, KINDS[kind])
+
+
+def open_index(folder: Location, run_id: str, kind: JournalKind) -> IndexData:
+    """Compact what earlier attempts left in `folder`, then index every answer there."""
+    files = list_journal(folder, run_id)
+    compacted = read_keys(folder.fs, files.compacted)
+    if files.earlier:
+        known = build_index(compacted).hashes
+        written = compact(folder, files.earlier, known, kind)
+        compacted += [written] if written else []
+    return build_index(compacted + read_keys(folder.fs, files.current))
 
 
 @dataclass
@@ -192,22 +122,22 @@ class Journal:
 
     folder: Location
     run_id: str
-    earlier: ray.ObjectRef | None = None  # Arrow table of earlier attempts' results
+    earlier: ray.ObjectRef | None = None  # IndexData over earlier attempts' results
     earlier_count: int = 0
 
     @classmethod
     def open(cls, work: Location, pool: str, run_id: str) -> Self:
         folder = work.join(pool)
-        table = read_journal(folder, cls.kind.schema)
-        if not len(table):
+        index = open_index(folder, run_id, cls.kind)
+        if not len(index):
             return cls(folder, run_id)
-        log.info("%s: %d results from an earlier attempt will be replayed", pool, len(table))
-        return cls(folder, run_id, ray.put(table), len(table))
+        log.info("%s: %d results from an earlier attempt will be replayed", pool, len(index))
+        return cls(folder, run_id, ray.put(index), len(index))
 
     def answers(self) -> JournalIndex:
         if self.earlier is None:
             return _empty_index(self.kind.name)
-        return _index(self.earlier, self.kind.name)
+        return _index(self.earlier, self.kind.name, self.folder)
 
     def keep(self, value: Any) -> bool:
         """Whether a result is journaled (a failure is not: a rerun asks again)."""
@@ -246,8 +176,7 @@ class GenerationJournal(Journal):
                  ) -> list[Completion | GenerationFailure]:
         """generate(prompts, sampling), answering what earlier attempts already answered."""
         keys = request_keys(prompts, sampling)
-        known = self.answers()
-        results: list[Completion | GenerationFailure | None] = [known.get(k) for k in keys]
+        results: list[Completion | GenerationFailure | None] = self.answers().get_many(keys)
         todo = [i for i, result in enumerate(results) if result is None]
         if todo:
             fresh = generate([prompts[i] for i in todo], sampling)
@@ -281,8 +210,8 @@ class EmbeddingJournal(Journal):
 
 
 def read_journal(folder: Location, schema: pa.Schema = SCHEMA) -> pa.Table:
-    """Every result journaled under `folder` (an unreadable file is skipped with a warning: its
-    requests are simply asked again)."""
+    """Every result journaled under `folder`, copies included, as one table: for inspection
+    and tests (replay never loads this). An unreadable file is skipped with a warning."""
     try:
         listing = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
     except (OSError, pa.ArrowException) as error:

@@ -39,7 +39,7 @@ from augment_ray.errors import StorageError
 from augment_ray.io.committed import MANIFEST, SUCCESS, SUMMARY
 from augment_ray.io.lease_stores import LEASE
 from augment_ray.rows import ORIGIN_STEP, REJECT_COLUMNS, REJECT_REASON, REJECT_STEP
-from augment_ray.storage import Location, describe_os_error
+from augment_ray.storage import Location, describe_os_error, redact_uri
 
 FORMAT = "parquet"
 COMPRESSION = "zstd"
@@ -123,15 +123,14 @@ class RoutingParquetSink(Datasink[WriteStats]):
         self, table: pa.Table, folder: str, task: int, files: list[str], rows: dict[str, int],
     ) -> None:
         fs = self.output.fs
-        base = self.output.join(folder).path
         for start in range(0, len(table), self.max_rows_per_file):
             name = shard_name(task, len(files))
             part = table.slice(start, self.max_rows_per_file)
+            target = self.output.join(folder, name)
             try:
-                pq.write_table(part, f"{base}/{name}", filesystem=fs,
-                               compression=self.compression)
+                pq.write_table(part, target.path, filesystem=fs, compression=self.compression)
             except (OSError, pa.ArrowException) as error:
-                raise describe_os_error(self.output, "write to", error) from None
+                raise describe_os_error(target, "write", error) from None
             files.append(f"{folder}/{name}")
             rows[f"{folder}/{name}"] = len(part)
 
@@ -206,11 +205,12 @@ def prepare_output(output: Location, mode: str, keep: tuple[str, ...] = ()) -> N
 
 def write_json(loc: Location, name: str, payload: dict) -> None:
     data = json.dumps(payload, indent=2, sort_keys=False, default=str).encode("utf-8")
+    target = loc.join(name)
     try:
-        with loc.fs.open_output_stream(loc.join(name).path) as stream:
+        with loc.fs.open_output_stream(target.path) as stream:
             stream.write(data)
     except (OSError, pa.ArrowException) as error:
-        raise describe_os_error(loc, f"write {name} to", error) from None
+        raise describe_os_error(target, "write", error) from None
 
 
 def write_marked(loc: Location, files: dict[str, dict], marker: str, stamp: dict) -> None:
@@ -219,6 +219,15 @@ def write_marked(loc: Location, files: dict[str, dict], marker: str, stamp: dict
     for name, payload in files.items():
         write_json(loc, name, payload)
     write_json(loc, marker, stamp)
+
+
+def move_staged(source: Location, target: Location) -> None:
+    """One staged file into place (on S3 a copy, then a delete of the source)."""
+    try:
+        source.fs.move(source.path, target.path)
+    except (OSError, pa.ArrowException) as error:
+        raise describe_os_error(source, "move", error,
+                                after=f" to {redact_uri(target.uri)} (the commit)") from None
 
 
 def commit(output: Location, manifest: dict, summary: dict,
@@ -230,10 +239,11 @@ def commit(output: Location, manifest: dict, summary: dict,
     try:
         for folder in (DATA_DIR, REJECTS_DIR):
             output.fs.create_dir(output.join(folder).path, recursive=True)
-        for name in [*manifest["files"], *manifest["reject_files"]]:
-            output.fs.move(staging.join(name).path, output.join(name).path)
     except (OSError, pa.ArrowException) as error:
-        raise describe_os_error(output, "commit (move staged files) in", error) from None
+        raise describe_os_error(output, "create data/ and _rejects/ (the commit) in", error) \
+            from None
+    for name in [*manifest["files"], *manifest["reject_files"]]:
+        move_staged(staging.join(name), output.join(name))
     write_marked(output, {MANIFEST: manifest, SUMMARY: summary}, SUCCESS,
                  {"run_id": manifest["run_id"]})
     for name in (STAGING_DIR, *remove_after):
