@@ -177,7 +177,7 @@ def _reporting_errors(work: Callable[[], Any], debug: bool) -> Any:
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from augment_ray.pipeline import find_user_error
+    from augment_ray.run_errors import find_user_error
 
     if not debug:
         quiet_ray_data_tracebacks()

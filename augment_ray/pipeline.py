@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -15,11 +14,12 @@ from typing import Any
 
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from augment_ray.config.io import InputSpec
 from augment_ray.config.job import JobSpec
 from augment_ray.curate.diversity import add_diversity
-from augment_ray.errors import AugmentRayError, JobSpecError, RunFailedError, StorageError
+from augment_ray.errors import JobSpecError, RunFailedError, StorageError
 from augment_ray.io.committed import (
     STARTED,
     SUCCESS,
@@ -60,6 +60,7 @@ from augment_ray.progress import (
     quiet_ray_data,
 )
 from augment_ray.rows import ID, INPUT_STEP
+from augment_ray.run_errors import user_errors_unwrapped
 from augment_ray.steps.base import RunContext, Step
 from augment_ray.storage import Location, location
 from augment_ray.summary import build_summary, redact_uri
@@ -256,15 +257,18 @@ def run_steps(job: JobSpec, output: Location, shards: list[InputShard], steps: l
     for step in steps:
         step.context = context
     staging = output.join(STAGING_DIR)
-    stats, accounting, timing = execute(job, shards, steps, staging)
+    executed = execute(job, shards, steps, staging)
+    stats = executed.stats
 
     summary = build_summary(
         job_name=job.name, run_id=run_id, input_uri=job.input.uri, output_uri=job.output.uri,
         input_files=len(shards), steps=[step.describe() for step in steps], stats=stats,
         wall_seconds=time.perf_counter() - clock.started, started_at=clock.started_at,
     )
-    summary["accounting"] = accounting
-    add_step_timing(summary["steps"], timing, clock.started_wall)
+    summary["accounting"] = executed.accounting
+    if executed.placement:
+        summary["placement"] = executed.placement
+    add_step_timing(summary["steps"], executed.timing, clock.started_wall)
     if work is not None:
         summary["journal"] = journaled_counts(work, run_id)
     check_reject_shares(job, summary["steps"])
@@ -310,12 +314,26 @@ def output_mode(job: JobSpec, output: Location, fresh: bool = False
     return job.output.mode, ()
 
 
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """The driver's node: the run's bookkeeping actors live and die with the driver, never on a
+    worker node whose loss would lose the run's counts."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+@dataclass
+class Executed:
+    stats: WriteStats
+    accounting: dict[str, Any]
+    timing: dict[str, StepProgress]  # per step
+    placement: dict[str, dict[str, int]]  # per step: node id -> engine actors started there
+
+
 def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: Location
-            ) -> tuple[WriteStats, dict[str, Any], dict[str, StepProgress]]:
+            ) -> Executed:
     """Read -> steps -> routed write into `staging`, logging progress; then check the
-    accounting. Returns the writers' stats, the accounting block and per-step progress."""
-    ledger = ReadLedger.remote()
-    board = ProgressBoard.remote()
+    accounting."""
+    ledger = ReadLedger.options(scheduling_strategy=on_this_node()).remote()
+    board = ProgressBoard.options(scheduling_strategy=on_this_node()).remote()
     sink = RoutingParquetSink(staging, job.output.max_rows_per_file)
     names = [INPUT_STEP, *(step.name for step in steps)]
     progress = ProgressLogger(board, names, input_rows_hint(job.input, shards), ledger,
@@ -329,7 +347,8 @@ def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: 
     rows_read, files_read = ray.get(ledger.totals.remote())
     stats = sink.result
     accounting = check_accounting(staging, stats, rows_read, files_read, len(shards))
-    return stats, accounting, ray.get(board.snapshot.remote())
+    return Executed(stats, accounting, ray.get(board.snapshot.remote()),
+                    ray.get(board.placement.remote()))
 
 
 def add_step_timing(funnel: list[dict[str, Any]], timing: dict[str, StepProgress],
@@ -441,76 +460,3 @@ def _schema_of(output: Location, files: list[str]) -> list[dict[str, str]]:
 
     schema = pq.read_schema(output.join(files[0]).path, filesystem=output.fs)
     return [{"name": f.name, "type": str(f.type)} for f in schema]
-
-
-@contextlib.contextmanager
-def user_errors_unwrapped(max_actor_restarts: int | None = None) -> Iterator[None]:
-    """Re-raise our own error from inside a Ray-wrapped one, so the user sees its message; an
-    actor that died past its restarts becomes one clear RunFailedError."""
-    try:
-        yield
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is not None:
-            raise user_error from None
-        died = find_actor_death(error)
-        if died is not None and max_actor_restarts is not None:
-            raise RunFailedError(
-                f"An engine actor died and was restarted {max_actor_restarts} times "
-                f"(reliability.max_actor_restarts), then died again, so the run stopped: "
-                f"{_first_line(died)}. Usual causes: out of memory (fewer replicas, a smaller "
-                "batch_size or max_num_seqs), a crashing engine, a node lost. The output was not "
-                "committed; a rerun replays the answers journaled so far."
-            ) from None
-        raise
-
-
-RAY_NOTES = ("Failed to apply UDF transform", "retried_map_errors")
-
-
-def without_ray_notes(error: AugmentRayError) -> AugmentRayError:
-    """Our error as we wrote it: Ray Data appends retry advice to a failed task's message."""
-    lines = str(error).splitlines()
-    cut = next((i for i, line in enumerate(lines) if any(n in line for n in RAY_NOTES)), None)
-    if cut is None:
-        return error
-    return type(error)("\n".join(lines[:cut]).strip())
-
-
-def find_actor_death(error: BaseException) -> BaseException | None:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    kinds = (ActorDiedError, ActorUnavailableError, RayActorError)
-    return next((e for e in chained_errors(error) if isinstance(e, kinds)), None)
-
-
-def chained_errors(error: BaseException) -> Iterator[BaseException]:
-    """`error` and every exception it wraps (Ray's `cause`, __cause__, __context__), once each."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [error]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        for linked in (getattr(current, "cause", None), current.__cause__, current.__context__):
-            if isinstance(linked, BaseException):
-                stack.append(linked)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-def find_user_error(error: BaseException) -> AugmentRayError | None:
-    """Ray wraps an exception raised in a task (RayTaskError, UserCodeException, ...); dig out the
-    AugmentRayError inside so the user sees its message, not a remote traceback."""
-    for current in chained_errors(error):
-        # Ray's wrapper classes subclass the original type too; only the original is wanted
-        if isinstance(current, AugmentRayError) and type(current).__module__.startswith(
-            "augment_ray"
-        ):
-            return without_ray_notes(current)
-    return None

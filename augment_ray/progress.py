@@ -60,6 +60,15 @@ class Board:
         # rows, tokens of finished calls minus what the after-step count has added since (it
         # can run before the call's finish arrives: the balance may dip below zero meanwhile)
         self.pending: dict[str, list[int]] = {}
+        self.placements: dict[str, dict[str, int]] = {}  # step -> node id -> actors started
+
+    def placed(self, step: str, node_id: str) -> None:
+        nodes = self.placements.setdefault(step, {})
+        nodes[node_id] = nodes.get(node_id, 0) + 1
+
+    def placement(self) -> dict[str, dict[str, int]]:
+        """Per step, the nodes its engine actors started on (a restarted actor counts again)."""
+        return {step: dict(nodes) for step, nodes in self.placements.items()}
 
     def add(self, step: str, rows: int, tokens: int) -> None:
         now = time.time()
@@ -93,6 +102,14 @@ class Board:
 
 
 ProgressBoard = ray.remote(num_cpus=0)(Board)  # one actor per run
+
+
+def tell_placement(board: Any, step: str) -> None:
+    """An engine actor of `step` started: tell the board which node it runs on. Never raises."""
+    if board is None:
+        return
+    with contextlib.suppress(Exception):
+        board.placed.remote(step, ray.get_runtime_context().get_node_id())
 
 
 def live_counts(steps: dict[str, StepProgress], running: dict[str, dict[str, tuple[int, int]]],

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from augment_ray.config.base import EngineSpec
 from augment_ray.kinds import engine_kinds, step_kinds
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -69,7 +70,9 @@ def fields_table(model: type[BaseModel], skip: tuple[str, ...] = ("kind",)) -> s
     nested model (e.g. `normalize`, `sampling`), each listed once."""
     lines = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
     nested: dict[str, type[BaseModel]] = {}
-    for name, field in model.model_fields.items():
+    # what every engine kind shares comes after the kind's own fields
+    shared = EngineSpec.model_fields if issubclass(model, EngineSpec) else {}
+    for name, field in sorted(model.model_fields.items(), key=lambda item: item[0] in shared):
         if name in skip:
             continue
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")

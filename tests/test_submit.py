@@ -7,13 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from augment_ray.submit import ray_cli
+from ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.integration
 
@@ -31,53 +25,16 @@ CLI = [sys.executable, "-m", "augment_ray.cli"]
 DS = "2026-11-21"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(local_s3) -> Iterator[str]:
-    """A Ray head of our own: own temp dir and ports, no token auth on loopback, stopped by PID.
-    Started after local_s3, so its workers see no real credentials, only the dummy ones."""
-    temp = tempfile.mkdtemp(prefix="arh-", dir="/tmp")  # Ray's socket paths must stay short
-    dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           # the driver's `python` must be this environment's
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - closed at teardown
-    head = subprocess.Popen(
-        [ray_cli(), "start", "--head", "--block", f"--port={free_port()}",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-         "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
+    """A Ray head of our own (tests/ray_cluster.py): own temp dir and ports, no token auth on
+    loopback, stopped by its process group. Started after local_s3, so its workers see no real
+    credentials, only the dummy ones. Yields the dashboard URL."""
+    cluster = LocalRayCluster(head_cpus=2).start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "the Ray head did not start: " + (Path(temp) / "head.log").read_text()
-                    ) from None
-                time.sleep(1)
-        yield address
+        yield cluster.dashboard_url
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        log.close()
+        cluster.stop()
 
 
 def upload_shards(local_s3, prefix: str, rows: list[dict]) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -124,6 +124,8 @@ class Journal:
     run_id: str
     earlier: ray.ObjectRef | None = None  # IndexData over earlier attempts' results
     earlier_count: int = 0
+    # set in a restarted actor only: earlier attempts' results plus this run's own so far
+    reopened: JournalIndex | None = None
 
     @classmethod
     def open(cls, work: Location, pool: str, run_id: str) -> Self:
@@ -134,7 +136,22 @@ class Journal:
         log.info("%s: %d results from an earlier attempt will be replayed", pool, len(index))
         return cls(folder, run_id, ray.put(index), len(index))
 
+    def for_this_actor(self) -> Self:
+        """The journal as this actor should use it. An actor Ray restarted (its process or its
+        node died) also replays what this run journaled before it died (its predecessor's
+        answers to the batches now retried): the driver's index has earlier attempts only."""
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            return self
+        files = list_journal(self.folder, self.run_id)
+        index = build_index(read_keys(self.folder.fs,
+                                      files.compacted + files.earlier + files.current))
+        log.info("%s: restarted actor; %d results journaled so far will be replayed",
+                 self.folder.uri, len(index))
+        return replace(self, reopened=JournalIndex(index, self.kind, self.folder.fs))
+
     def answers(self) -> JournalIndex:
+        if self.reopened is not None:
+            return self.reopened
         if self.earlier is None:
             return _empty_index(self.kind.name)
         return _index(self.earlier, self.kind.name, self.folder)

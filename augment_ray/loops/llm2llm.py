@@ -46,9 +46,9 @@ from augment_ray.pipeline import (
     check_cpu_budget,
     connect_ray,
     read_dataset,
-    user_errors_unwrapped,
 )
 from augment_ray.rows import ID, ORIGIN_STEP, REJECT_REASON, REJECT_STEP, SOURCE_ID, derived_id
+from augment_ray.run_errors import user_errors_unwrapped
 from augment_ray.steps.engine_pool import prepare_engine
 from augment_ray.steps.llm import LLMStep, RunOptions
 from augment_ray.storage import Location, describe_os_error, location

@@ -101,9 +101,8 @@ class AutoCorrectStepSpec(ConfidenceThresholdSpec):
 class CorrectRunner(EngineActor):
     def __init__(self, engine_spec: EngineSpec, step: str, spec: AutoCorrectStepSpec,
                  threshold: Threshold, sampling: SamplingParams, phases: tuple[str, ...],
-                 journal: GenerationJournal | None = None) -> None:
-        super().__init__(engine_spec, journal)
-        self.step = step
+                 journal: GenerationJournal | None = None, progress_board: Any = None) -> None:
+        super().__init__(engine_spec, journal, step=step, progress_board=progress_board)
         self.spec = spec
         self.threshold = threshold
         self.sampling = sampling

@@ -87,14 +87,13 @@ class EmbeddingRunner(EngineActor):
     def __init__(self, engine_spec: EmbeddingEngineSpec, step: str, columns: list[str],
                  column: str, vector_type: VectorType,
                  journal: EmbeddingJournal | None = None, progress_board: Any = None) -> None:
-        super().__init__(engine_spec)  # no generation journal: vectors have their own
-        self.journal = journal
-        self.step = step
+        # no generation journal: vectors have their own
+        super().__init__(engine_spec, step=step, progress_board=progress_board)
+        self.journal = journal.for_this_actor() if journal else None
         self.columns = columns
         self.column = column
         self.vector_type = vector_type
         self.model_key = model_key(engine_spec)
-        self.progress_board = progress_board
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         embed = self.engine.embed

@@ -21,6 +21,7 @@ from augment_ray.engines.base import (
     engine_class,
 )
 from augment_ray.io.journal import GenerationJournal
+from augment_ray.progress import current_board, tell_placement
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,18 @@ class GuardedEngine:
 
 class EngineActor:
     """Base of the actor UDFs that hold a model: the engine is loaded once per actor; with a
-    journal, answers earlier attempts of the run journaled are replayed instead of generated."""
+    journal, answers earlier attempts of the run journaled are replayed instead of generated.
+    With a progress board, the actor tells it which node it runs on (the summary's
+    `placement`)."""
 
-    def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None
-                 ) -> None:
+    def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None, *,
+                 step: str = "", progress_board: Any = None) -> None:
         log_to_driver()
-        self.engine = GuardedEngine(build_engine(engine_spec), journal)
+        self.step = step
+        self.progress_board = progress_board
+        self.engine = GuardedEngine(build_engine(engine_spec),
+                                    journal.for_this_actor() if journal else None)
+        tell_placement(progress_board, step)
 
 
 def generate_grouped(engine: Any, requests: Sequence[tuple[Messages, SamplingParams]]
@@ -122,7 +129,9 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
                          journal: GenerationJournal | None = None,
                          max_restarts: int = 3) -> ray.data.Dataset:
     """ds.map_batches(runner) on a pool of `spec.replicas` actors, each with the engine's
-    CPUs/GPUs; the runner's constructor gets `engine_spec`, `journal` and `constructor_kwargs`.
+    CPUs/GPUs (and `spec.resources`, custom Ray resources that place it); the runner's
+    constructor gets `engine_spec`, `journal`, `progress_board` (the run's) and
+    `constructor_kwargs`.
     An actor that dies (OOM, a crashed engine) is restarted and its batch retried, at most
     `max_restarts` times per actor; past that the run fails (Ray Data's default is forever)."""
     low, high = spec.replica_range
@@ -133,7 +142,7 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
         return ds.map_batches(
             runner,
             fn_constructor_kwargs={"engine_spec": spec, "journal": journal,
-                                   **constructor_kwargs},
+                                   "progress_board": current_board(), **constructor_kwargs},
             max_restarts=max_restarts,
             max_task_retries=max_restarts,
             batch_format="pyarrow",
@@ -141,6 +150,7 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
             compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus or None,
+            resources=spec.resources or None,
         )
 
 

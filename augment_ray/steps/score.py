@@ -123,9 +123,9 @@ class ScoreRunner(EngineActor):
     """Ray Data actor UDF: scores one batch of rows per call with the judge engine."""
 
     def __init__(self, engine_spec: EngineSpec, step: str, spec: ScoreStepSpec,
-                 sampling: SamplingParams, journal: GenerationJournal | None = None) -> None:
-        super().__init__(engine_spec, journal)
-        self.step = step
+                 sampling: SamplingParams, journal: GenerationJournal | None = None,
+                 progress_board: Any = None) -> None:
+        super().__init__(engine_spec, journal, step=step, progress_board=progress_board)
         self.spec = spec
         # short greedy answers with top logprobs: yes/no and A/B/C
         self.judge_sampling = SamplingParams(
