@@ -119,6 +119,18 @@ class OutputLease:
                                    f"{error}.") from None
             raise
 
+    def _adopt_if_ours(self, current: Any) -> bool:
+        """A conditional write refused (412) because an earlier try of that very request went
+        through, its answer lost to a reset or a timeout, and the client retried: the lease
+        names this run, so it is ours, under the store's current token."""
+        holder = LeaseRecord.parse(current.data) if current is not None else None
+        mine = self.record
+        if holder is None or (holder.run_id, holder.host, holder.pid) != (
+                mine.run_id, mine.host, mine.pid):
+            return False
+        self.record, self.token = holder, current.token
+        return True
+
     def acquire(self) -> None:
         for _ in range(3):  # a lease released between our create and our read: try again
             self.token = self._store_call("create the lease", self.store.create,
@@ -128,12 +140,17 @@ class OutputLease:
             current = self._store_call("read the lease", self.store.read)
             if current is None:
                 continue
+            if self._adopt_if_ours(current):
+                return
             holder = LeaseRecord.parse(current.data)
             now = time.time()
             if holder is not None and not holder.stale(now) and not holder.dead_on_this_host():
                 raise OutputLeasedError(held_message(self.output.uri, holder, now))
             self.token = self._store_call("take over the lease", self.store.replace,
                                           self.record.to_bytes(), current.token)
+            if self.token is None and self._adopt_if_ours(
+                    self._store_call("read the lease", self.store.read)):
+                return
             if self.token is not None:
                 log.warning("Took over the lease of %s from run %s, which stopped renewing it "
                             "(a crashed or killed run).", redact_uri(self.output.uri),
@@ -154,6 +171,8 @@ class OutputLease:
         token = self.store.replace(record.to_bytes(), self.token)
         if token is None:
             current = self.store.read()
+            if self._adopt_if_ours(current):
+                return
             holder = LeaseRecord.parse(current.data) if current else None
             self.lost = f"run {holder.run_id} on host {holder.host}" if holder else "nobody"
             log.error("The lease of %s was taken over by %s; this run will not commit.",
