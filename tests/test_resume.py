@@ -116,7 +116,10 @@ def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_output(tmp_path):
 
     summary = json.loads((tmp_path / "killed" / "_summary.json").read_text())
     counts = summary["journal"]["refine"]
-    assert counts["replayed"] == journaled
+    # everything journaled when the attempt was killed is replayed; Ray's workers have process
+    # groups of their own, so an engine call running at the kill may still journal its answers
+    # before its worker notices its raylet is gone (those are replayed too)
+    assert journaled <= counts["replayed"] < 40
     assert counts["replayed"] + counts["generated"] == 40
     # the rerun asked the model only what the killed attempt had not answered
     assert summary["steps"][1]["completion_tokens"] > 0
