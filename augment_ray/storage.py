@@ -315,6 +315,8 @@ def describe_os_error(loc: Location, action: str, error: Exception,
     ):
         hint = " The bucket does not exist."
     elif any(code in squashed for code in TRANSIENT_CODES):
-        hint = (" The store kept failing through storage.max_attempts tries (throttling, "
-                "server or network errors); try again later, or raise storage.max_attempts.")
+        hint = (" The store kept failing (throttling, server or network errors) through "
+                "storage.max_attempts tries, or, with storage.retry_mode standard, until the "
+                "AWS SDK's retry quota ran out; try again later, raise storage.max_attempts, or "
+                "set storage.retry_mode: legacy (no quota).")
     return StorageError(f"Cannot {action} {redact_uri(loc.uri)}{after}: {text}.{hint}")

@@ -397,6 +397,12 @@ def output_rows(folder: Path) -> dict[str, str]:
                     strict=True))
 
 
+def phase(name: str, result: dict) -> dict:
+    """Each phase's figures on stderr as it ends: a long run cut short keeps what it measured."""
+    print(json.dumps({name: result}), file=sys.stderr, flush=True)
+    return result
+
+
 def e2e(rows: int, kill_at: float, shards: int) -> dict:
     base = Path(tempfile.mkdtemp(prefix="rse-", dir="/tmp"))
     server = InstantServer()
@@ -407,10 +413,11 @@ def e2e(rows: int, kill_at: float, shards: int) -> dict:
             jobs[name] = base / f"{name}.yaml"
             jobs[name].write_text(yaml.safe_dump(e2e_job(base / "in", base / name,
                                                          server.base_url)))
-        whole = timed_run(jobs["whole"], base / "ray")
-        killed = killed_run(jobs["killed"], base / "ray", base / "killed" / "_work" / "refine",
-                            int(kill_at * rows))
-        rerun = timed_run(jobs["killed"], base / "ray")
+        whole = phase("uninterrupted", timed_run(jobs["whole"], base / "ray"))
+        killed = phase("killed", killed_run(jobs["killed"], base / "ray",
+                                            base / "killed" / "_work" / "refine",
+                                            int(kill_at * rows)))
+        rerun = phase("rerun", timed_run(jobs["killed"], base / "ray"))
         summary = json.loads((base / "killed" / "_summary.json").read_text())
         counts = summary["journal"]["refine"]
         return {

@@ -158,7 +158,9 @@ def test_every_staged_write_failing_fails_the_run_naming_the_object(
     bucket = re.escape(local_s3.bucket)
     assert_one_paragraph_naming(
         result, rf"Cannot write s3://{bucket}/{PREFIX}/no-writes/_staging/(data|_rejects)/"
-        r"part-\d{5}-\d{4}\.parquet: .*(SLOW_DOWN|SlowDown|reduce your request rate)", local_s3)
+        r"part-\d{5}-\d{4}\.parquet: .*(SLOW_DOWN|SlowDown|reduce your request rate).* "
+        r"through storage\.max_attempts tries, or.*retry quota ran out.*"
+        r"storage\.retry_mode: legacy", local_s3)
     assert "_SUCCESS" not in keys(local_s3, "no-writes")
     assert proxy.failed("write") >= 2
 
