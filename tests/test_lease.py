@@ -175,7 +175,9 @@ def test_two_concurrent_cli_runs_one_writes_the_other_is_refused(where, tmp_path
     env = {**os.environ, "RAY_ADDRESS": ""}
     runs = [subprocess.Popen([*CLI, "run", str(job_file)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    done = [(run.wait(timeout=600), *run.communicate()) for run in runs]
+    # communicate, not wait: a child whose output fills its pipe would never exit
+    done = [(run.returncode, out, err) for run in runs
+            for out, err in [run.communicate(timeout=600)]]
     codes = sorted(code for code, _, _ in done)
     assert codes == [0, 1], [err[-2000:] for _, _, err in done]
     refused = next(err for code, _, err in done if code == 1)

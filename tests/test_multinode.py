@@ -102,8 +102,15 @@ def run_cli(cluster: LocalRayCluster, *args: str) -> subprocess.Popen:
                             text=True, env={**cluster.env}, start_new_session=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = process.communicate(timeout=timeout)
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    """The run's output once it ends; a run still going after `timeout` is killed and fails
+    the test (a hung run must not hold the suite)."""
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        pytest.fail(f"the run did not finish in {timeout:.0f}s:\n{out[-3000:]}")
     return out
 
 
