@@ -5,6 +5,7 @@ local disk and on a real local S3 server, and from inside a Ray actor as engine 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,38 @@ def test_compaction_and_replay_on_an_object_store(local_ray, local_s3, small_gro
     assert journal.answers().get_many([key(24), key(25), key(0)]) == \
         [answer(24), None, answer(0)]
     assert journaled_counts(work, "run2") == {"refine": {"replayed": 25, "generated": 0}}
+
+
+@ray.remote(max_restarts=1, max_task_retries=-1)
+class JournalHolder:
+    """What an engine actor does with its journal, in a real Ray actor Ray can restart."""
+
+    def __init__(self, journal: GenerationJournal) -> None:
+        self.journal = journal.for_this_actor()
+
+    def answer(self, key: str) -> str | None:
+        found = self.journal.answers().get(key)
+        return found.text if found is not None else None
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+
+def test_a_restarted_actor_replays_what_its_predecessor_journaled(local_ray, tmp_path):
+    work = location(str(tmp_path / "_work"), None)
+    journal = GenerationJournal.open(work, "refine", "run-now")
+    holder = JournalHolder.remote(journal)
+    # the first incarnation pays for an answer (journaled under this run's id), then dies
+    journal.record(["paid"], [answer(1)])
+    assert ray.get(holder.answer.remote("paid")) is None  # its index: earlier attempts only
+    first = ray.get(holder.pid.remote())
+    ray.kill(holder, no_restart=False)  # its process dies, as in an OOM or a lost node
+    deadline = time.monotonic() + 60
+    while ray.get(holder.pid.remote()) == first:  # until Ray has restarted it
+        assert time.monotonic() < deadline, "the actor was not restarted"
+        time.sleep(0.2)
+    # the new incarnation (max_restarts=1) replays what this run journaled before it died
+    assert ray.get(holder.answer.remote("paid")) == answer(1).text

@@ -140,8 +140,11 @@ class Journal:
         """The journal as this actor should use it. An actor Ray restarted (its process or its
         node died) also replays what this run journaled before it died (its predecessor's
         answers to the batches now retried): the driver's index has earlier attempts only."""
-        if not ray.get_runtime_context().was_current_actor_reconstructed:
+        if not ray.is_initialized():
             return self
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is None or not context.was_current_actor_reconstructed:
+            return self  # a first incarnation, or not in an actor at all (a task, a test)
         files = list_journal(self.folder, self.run_id)
         index = build_index(read_keys(self.folder.fs,
                                       files.compacted + files.earlier + files.current))
