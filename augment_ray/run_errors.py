@@ -54,19 +54,23 @@ def without_ray_notes(error: AugmentRayError) -> AugmentRayError:
     return type(error)("\n".join(lines[:cut]).strip())
 
 
+def first_of(error: BaseException, kinds: tuple[type[BaseException], ...]
+             ) -> BaseException | None:
+    """The first exception of `kinds` in `error`'s chain."""
+    return next((e for e in chained_errors(error) if isinstance(e, kinds)), None)
+
+
 def find_actor_death(error: BaseException) -> BaseException | None:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    kinds = (ActorDiedError, ActorUnavailableError, RayActorError)
-    return next((e for e in chained_errors(error) if isinstance(e, kinds)), None)
+    return first_of(error, (ActorDiedError, ActorUnavailableError, RayActorError))
 
 
 def find_lost_cluster_part(error: BaseException) -> BaseException | None:
     """A node, a worker or intermediate objects lost (what a node's death leaves behind)."""
     from ray.exceptions import NodeDiedError, ObjectLostError, OwnerDiedError, WorkerCrashedError
 
-    kinds = (NodeDiedError, ObjectLostError, OwnerDiedError, WorkerCrashedError)
-    return next((e for e in chained_errors(error) if isinstance(e, kinds)), None)
+    return first_of(error, (NodeDiedError, ObjectLostError, OwnerDiedError, WorkerCrashedError))
 
 
 def chained_errors(error: BaseException) -> Iterator[BaseException]:
