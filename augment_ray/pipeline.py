@@ -62,6 +62,7 @@ from augment_ray.progress import (
 from augment_ray.rows import ID, INPUT_STEP
 from augment_ray.run_errors import user_errors_unwrapped
 from augment_ray.steps.base import RunContext, Step
+from augment_ray.steps.shared_engine import SharedEngineStage, Stage, plan_stages
 from augment_ray.storage import Location, location
 from augment_ray.summary import build_summary, redact_uri
 
@@ -166,7 +167,7 @@ def input_rows_hint(spec: InputSpec, shards: list[InputShard]) -> int | None:
         return None  # only a hint: the read reports a broken file properly
 
 
-def check_cpu_budget(steps: list[Step]) -> None:
+def check_cpu_budget(steps: list[Stage]) -> None:
     """Actors that together hold every CPU leave none for read/write tasks: Ray waits forever.
     On a cluster we joined, an autoscaler may add nodes once work queues up: only warn there."""
     total = ray.cluster_resources().get("CPU", 0)
@@ -250,14 +251,15 @@ def run_steps(job: JobSpec, output: Location, shards: list[InputShard], steps: l
         step.prepare()
 
     connect_ray(ray_address)
-    check_cpu_budget(steps)
+    stages = plan_stages(steps)  # consecutive steps on one engine share its pool
+    check_cpu_budget(stages)
     log.info("Run %s: %d input files, %d steps", run_id, len(shards), len(steps))
     work = output.join(WORK_DIR) if job.reliability.resume else None
     context = RunContext(run_id, work, job.reliability.max_actor_restarts)
     for step in steps:
         step.context = context
     staging = output.join(STAGING_DIR)
-    executed = execute(job, shards, steps, staging)
+    executed = execute(job, shards, steps, stages, staging)
     stats = executed.stats
 
     summary = build_summary(
@@ -268,6 +270,8 @@ def run_steps(job: JobSpec, output: Location, shards: list[InputShard], steps: l
     summary["accounting"] = executed.accounting
     if executed.placement:
         summary["placement"] = executed.placement
+    if executed.model_loads:
+        summary["model_loads"] = executed.model_loads
     add_step_timing(summary["steps"], executed.timing, clock.started_wall)
     if work is not None:
         summary["journal"] = journaled_counts(work, run_id)
@@ -326,12 +330,13 @@ class Executed:
     accounting: dict[str, Any]
     timing: dict[str, StepProgress]  # per step
     placement: dict[str, dict[str, int]]  # per step: node id -> engine actors started there
+    model_loads: dict[str, int]  # per engine: model copies its actors loaded
 
 
-def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: Location
-            ) -> Executed:
-    """Read -> steps -> routed write into `staging`, logging progress; then check the
-    accounting."""
+def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], stages: list[Stage],
+            staging: Location) -> Executed:
+    """Read -> steps (run as `stages`) -> routed write into `staging`, logging progress; then
+    check the accounting."""
     ledger = ReadLedger.options(scheduling_strategy=on_this_node()).remote()
     board = ProgressBoard.options(scheduling_strategy=on_this_node()).remote()
     sink = RoutingParquetSink(staging, job.output.max_rows_per_file)
@@ -341,14 +346,21 @@ def execute(job: JobSpec, shards: list[InputShard], steps: list[Step], staging: 
     with user_errors_unwrapped(job.reliability.max_actor_restarts), progress:
         ds = read_dataset(job.input, shards, ledger, board)
         with board_of_run(board):  # engine pools report their calls' progress to it
-            for step in steps:  # a barrier step runs everything before it here
-                ds = with_progress(step.apply(ds), step.name, board)
+            for stage in stages:  # a barrier step runs everything before it here
+                ds = apply_counted(stage, ds, board)
         ds.write_datasink(sink)
     rows_read, files_read = ray.get(ledger.totals.remote())
     stats = sink.result
     accounting = check_accounting(staging, stats, rows_read, files_read, len(shards))
     return Executed(stats, accounting, ray.get(board.snapshot.remote()),
-                    ray.get(board.placement.remote()))
+                    ray.get(board.placement.remote()), ray.get(board.model_loads.remote()))
+
+
+def apply_counted(stage: Stage, ds: ray.data.Dataset, board: Any) -> ray.data.Dataset:
+    """The stage applied to ds, its rows counted on the board after each of its steps."""
+    if isinstance(stage, SharedEngineStage):
+        return stage.apply(ds)  # counts after each step inside its actors
+    return with_progress(stage.apply(ds), stage.name, board)
 
 
 def add_step_timing(funnel: list[dict[str, Any]], timing: dict[str, StepProgress],

@@ -61,6 +61,7 @@ class Board:
         # can run before the call's finish arrives: the balance may dip below zero meanwhile)
         self.pending: dict[str, list[int]] = {}
         self.placements: dict[str, dict[str, int]] = {}  # step -> node id -> actors started
+        self.loads: dict[str, int] = {}  # engine -> model copies loaded
 
     def placed(self, step: str, node_id: str) -> None:
         nodes = self.placements.setdefault(step, {})
@@ -69,6 +70,13 @@ class Board:
     def placement(self) -> dict[str, dict[str, int]]:
         """Per step, the nodes its engine actors started on (a restarted actor counts again)."""
         return {step: dict(nodes) for step, nodes in self.placements.items()}
+
+    def loaded(self, engine: str) -> None:
+        self.loads[engine] = self.loads.get(engine, 0) + 1
+
+    def model_loads(self) -> dict[str, int]:
+        """Per engine, the model copies its actors loaded (a restarted actor loads again)."""
+        return dict(self.loads)
 
     def add(self, step: str, rows: int, tokens: int) -> None:
         now = time.time()
@@ -110,6 +118,14 @@ def tell_placement(board: Any, step: str) -> None:
         return
     with contextlib.suppress(Exception):
         board.placed.remote(step, ray.get_runtime_context().get_node_id())
+
+
+def tell_model_load(board: Any, engine: str) -> None:
+    """An actor loaded `engine`'s model. Never raises."""
+    if board is None:
+        return
+    with contextlib.suppress(Exception):
+        board.loaded.remote(engine)
 
 
 def live_counts(steps: dict[str, StepProgress], running: dict[str, dict[str, tuple[int, int]]],

@@ -134,6 +134,13 @@ class EngineSpec(Spec):
         default_factory=dict,
         description="custom Ray resources each replica needs besides its CPUs/GPUs, e.g. "
         "{llm_node: 1} to place the pool on nodes started with --resources='{\"llm_node\": 1}'")
+    # exclude: one pool or one per step computes the same answers (each step keeps its journal),
+    # so this stays out of the job digest
+    share: bool = Field(
+        True, exclude=True,
+        description="steps that name this engine one after another run in one pool: each "
+        "replica loads the model once and passes every batch through those steps in order; "
+        "false: a pool (and a model copy per replica) for each step")
 
     @property
     def uses_ray_data_llm(self) -> bool:

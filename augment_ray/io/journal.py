@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -143,7 +144,11 @@ class Journal:
         if not ray.is_initialized():
             return self
         context = ray.get_runtime_context()
-        if context.get_actor_id() is None or not context.was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray 2.60's property reads its own deprecated actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reconstructed = context.get_actor_id() is not None and \
+                context.was_current_actor_reconstructed
+        if not reconstructed:
             return self  # a first incarnation, or not in an actor at all (a task, a test)
         files = list_journal(self.folder, self.run_id)
         index = build_index(read_keys(self.folder.fs,

@@ -101,8 +101,10 @@ class AutoCorrectStepSpec(ConfidenceThresholdSpec):
 class CorrectRunner(EngineActor):
     def __init__(self, engine_spec: EngineSpec, step: str, spec: AutoCorrectStepSpec,
                  threshold: Threshold, sampling: SamplingParams, phases: tuple[str, ...],
-                 journal: GenerationJournal | None = None, progress_board: Any = None) -> None:
-        super().__init__(engine_spec, journal, step=step, progress_board=progress_board)
+                 journal: GenerationJournal | None = None, progress_board: Any = None,
+                 engine_name: str = "") -> None:
+        super().__init__(engine_spec, journal, step=step, progress_board=progress_board,
+                         engine_name=engine_name)
         self.spec = spec
         self.threshold = threshold
         self.sampling = sampling
@@ -228,7 +230,7 @@ class AutoCorrectStep(Step):
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         ds, self.threshold = dataset_threshold(ds, self.spec, self.name)
         common = {"step": self.name, "spec": self.spec, "threshold": self.threshold,
-                  "sampling": self.sampling}
+                  "sampling": self.sampling, "engine_name": self.spec.engine}
         if self.shared:
             return map_with_engine_pool(ds, CorrectRunner, self.engine_spec,
                                         {**common, "phases": (CANDIDATE_PHASE, COMPARE_PHASE)},
@@ -237,7 +239,8 @@ class AutoCorrectStep(Step):
                                   {**common, "phases": (CANDIDATE_PHASE,)},
                                   **self.pool_options())
         return map_with_engine_pool(ds, CorrectRunner, self.judge_spec,
-                                    {**common, "phases": (COMPARE_PHASE,)},
+                                    {**common, "phases": (COMPARE_PHASE,),
+                                     "engine_name": self.spec.judge or self.spec.engine},
                                     **self.pool_options("judge"))
 
     def prepare(self) -> None:

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import ray.data
 
 if TYPE_CHECKING:
+    from augment_ray.config.base import EngineSpec
     from augment_ray.config.job import JobSpec
     from augment_ray.config.steps import StepSpec
     from augment_ray.io.journal import GenerationJournal
+    from augment_ray.steps.engine_pool import PoolCall
     from augment_ray.storage import Location
 
 
@@ -38,6 +40,8 @@ class Step(ABC):
     writes_response: ClassVar[bool] = False
     name: str
     context: RunContext | None = None  # set by the pipeline before apply()
+    # the steps whose calls run in one pool with this one's (steps/shared_engine.py), if any
+    pool_shared_by: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: Any, job: JobSpec) -> Step:
@@ -46,6 +50,16 @@ class Step(ABC):
 
     @abstractmethod
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset: ...
+
+    def pool_engine(self) -> tuple[str, EngineSpec] | None:
+        """(engine name, spec) when this step's work is one call on that engine's pool and
+        nothing more (pool_call): steps on one engine in a row then share a pool. None for
+        every other step."""
+        return None
+
+    def pool_call(self) -> PoolCall:
+        """This step's call on its engine's pool, for a step with a pool_engine()."""
+        raise NotImplementedError(f"step kind {self.kind!r} has no pool call")
 
     def prepare(self) -> None:  # noqa: B027 - optional hook, most steps need nothing here
         """Driver-side checks and one-time work before the run starts (e.g. find the model)."""
@@ -75,4 +89,5 @@ class Step(ABC):
     def describe(self) -> dict[str, Any]:
         """What the run summary says about this step besides its counts. A `note` entry (a few
         words: a threshold, what was skipped) is printed on the step's summary line."""
-        return {"name": self.name, "kind": self.kind}
+        shared = {"pool_shared_by": list(self.pool_shared_by)} if self.pool_shared_by else {}
+        return {"name": self.name, "kind": self.kind, **shared}

@@ -86,9 +86,11 @@ class EmbeddingRunner(EngineActor):
 
     def __init__(self, engine_spec: EmbeddingEngineSpec, step: str, columns: list[str],
                  column: str, vector_type: VectorType,
-                 journal: EmbeddingJournal | None = None, progress_board: Any = None) -> None:
+                 journal: EmbeddingJournal | None = None, progress_board: Any = None,
+                 engine_name: str = "") -> None:
         # no generation journal: vectors have their own
-        super().__init__(engine_spec, step=step, progress_board=progress_board)
+        super().__init__(engine_spec, step=step, progress_board=progress_board,
+                         engine_name=engine_name)
         self.journal = journal.for_this_actor() if journal else None
         self.columns = columns
         self.column = column

@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.data
@@ -21,7 +22,7 @@ from augment_ray.engines.base import (
     engine_class,
 )
 from augment_ray.io.journal import GenerationJournal
-from augment_ray.progress import current_board, tell_placement
+from augment_ray.progress import current_board, tell_model_load, tell_placement
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,33 @@ class GuardedEngine:
         return getattr(self.engine, name)
 
 
+# engines loaded in this process, by spec: the runners of steps that share a pool (see
+# steps/shared_engine.py) live in one actor and must share its one model copy
+_LOADED: dict[str, Any] = {}
+
+
+def loaded_engine(spec: EngineSpec, engine_name: str = "", progress_board: Any = None) -> Any:
+    """The engine `spec` describes, loaded once per process; a load is told to the board (the
+    summary's `model_loads`)."""
+    key = f"{type(spec).__name__}:{spec.model_dump_json()}"
+    if key not in _LOADED:
+        _LOADED[key] = build_engine(spec)
+        tell_model_load(progress_board, engine_name or spec.kind)
+    return _LOADED[key]
+
+
 class EngineActor:
-    """Base of the actor UDFs that hold a model: the engine is loaded once per actor; with a
-    journal, answers earlier attempts of the run journaled are replayed instead of generated.
-    With a progress board, the actor tells it which node it runs on (the summary's
-    `placement`)."""
+    """Base of the actor UDFs that hold a model: the engine is loaded once per actor (and shared
+    by the runners of every step in it); with a journal, answers earlier attempts of the run
+    journaled are replayed instead of generated. With a progress board, the actor tells it which
+    node it runs on (the summary's `placement`) and when it loads a model (`model_loads`)."""
 
     def __init__(self, engine_spec: EngineSpec, journal: GenerationJournal | None = None, *,
-                 step: str = "", progress_board: Any = None) -> None:
+                 step: str = "", progress_board: Any = None, engine_name: str = "") -> None:
         log_to_driver()
         self.step = step
         self.progress_board = progress_board
-        self.engine = GuardedEngine(build_engine(engine_spec),
+        self.engine = GuardedEngine(loaded_engine(engine_spec, engine_name, progress_board),
                                     journal.for_this_actor() if journal else None)
         tell_placement(progress_board, step)
 
@@ -135,6 +151,9 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
     An actor that dies (OOM, a crashed engine) is restarted and its batch retried, at most
     `max_restarts` times per actor; past that the run fails (Ray Data's default is forever)."""
     low, high = spec.replica_range
+    calls = engine_class(spec).concurrent_calls(spec)
+    threaded = {"max_concurrent_calls_per_actor": calls,
+                "enable_true_multi_threading": True} if calls > 1 else {}
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for an actor's restarts yet: ray_remote_args is the
         # only way, and it warns that it will be replaced
@@ -147,11 +166,39 @@ def map_with_engine_pool(ds: ray.data.Dataset, runner: type, spec: EngineSpec,
             max_task_retries=max_restarts,
             batch_format="pyarrow",
             batch_size=spec.batch_size * ROWS_PER_CALL_FACTOR,
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, **threaded),
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus or None,
             resources=spec.resources or None,
         )
+
+
+@dataclass(frozen=True)
+class PoolCall:
+    """One step's work on an engine pool: its runner (an EngineActor UDF) and what the runner is
+    built with. Steps that name one engine one after another run their calls in one pool
+    (steps/shared_engine.py); alone, a call is its own pool."""
+
+    step: str
+    engine_name: str
+    spec: EngineSpec
+    runner: type
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the runner's own arguments
+    journal: Any = None
+    max_restarts: int = 3
+
+    def constructor_kwargs(self) -> dict[str, Any]:
+        return {"step": self.step, "engine_name": self.engine_name, **self.kwargs}
+
+    def build(self, progress_board: Any) -> Any:
+        """The runner, in the actor that runs it."""
+        return self.runner(engine_spec=self.spec, journal=self.journal,
+                           progress_board=progress_board, **self.constructor_kwargs())
+
+    def map(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        """The call on a pool of its own."""
+        return map_with_engine_pool(ds, self.runner, self.spec, self.constructor_kwargs(),
+                                    journal=self.journal, max_restarts=self.max_restarts)
 
 
 def prepare_engine(spec: EngineSpec) -> None:

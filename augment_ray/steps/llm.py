@@ -25,7 +25,7 @@ from augment_ray.rows import CANONICAL_TEXT, reject_rows
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
     EngineActor,
-    map_with_engine_pool,
+    PoolCall,
     pool_cpus,
     prepare_engine,
 )
@@ -59,7 +59,8 @@ class LLMTaskRunner(EngineActor):
         sampling: SamplingParams, options: RunOptions, journal: GenerationJournal | None = None,
         progress_board: Any = None, embedder_spec: EmbeddingEngineSpec | None = None,
     ) -> None:
-        super().__init__(engine_spec, journal, step=step, progress_board=progress_board)
+        super().__init__(engine_spec, journal, step=step, progress_board=progress_board,
+                         engine_name=engine_name)
         self.task = task
         self.options = options
         self.out = GenerationRows(step, engine_name, self.engine.model_name, task, sampling)
@@ -174,9 +175,13 @@ class LLMStep(Step):
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         if self.runs_on_ray_data_llm:
             return apply_with_ray_data_llm(ds, self)
-        return map_with_engine_pool(ds, LLMTaskRunner, self.engine_spec, {
-            "step": self.name,
-            "engine_name": self.engine_name,
+        return self.pool_call().map(ds)
+
+    def pool_engine(self) -> tuple[str, EngineSpec]:
+        return self.engine_name, self.engine_spec
+
+    def pool_call(self) -> PoolCall:
+        return PoolCall(self.name, self.engine_name, self.engine_spec, LLMTaskRunner, {
             "task": self.task,
             "sampling": self.sampling,
             "options": self.options,
@@ -185,7 +190,8 @@ class LLMStep(Step):
 
     @property
     def runs_on_ray_data_llm(self) -> bool:
-        return self.engine_spec.uses_ray_data_llm
+        # a step sharing its engine's pool with others runs in that pool
+        return self.engine_spec.uses_ray_data_llm and not self.pool_shared_by
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)

@@ -30,9 +30,9 @@ from augment_ray.rows import live_mask, reject_rows, require_columns, set_column
 from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
     EngineActor,
+    PoolCall,
     Result,
     generate_grouped,
-    map_with_engine_pool,
     pool_cpus,
     prepare_engine,
 )
@@ -124,8 +124,9 @@ class ScoreRunner(EngineActor):
 
     def __init__(self, engine_spec: EngineSpec, step: str, spec: ScoreStepSpec,
                  sampling: SamplingParams, journal: GenerationJournal | None = None,
-                 progress_board: Any = None) -> None:
-        super().__init__(engine_spec, journal, step=step, progress_board=progress_board)
+                 progress_board: Any = None, engine_name: str = "") -> None:
+        super().__init__(engine_spec, journal, step=step, progress_board=progress_board,
+                         engine_name=engine_name)
         self.spec = spec
         # short greedy answers with top logprobs: yes/no and A/B/C
         self.judge_sampling = SamplingParams(
@@ -294,9 +295,14 @@ class ScoreStep(Step):
         self.sampling = sampling
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        return map_with_engine_pool(ds, ScoreRunner, self.engine_spec, {
-            "step": self.name, "spec": self.spec, "sampling": self.sampling,
-        }, **self.pool_options())
+        return self.pool_call().map(ds)
+
+    def pool_engine(self) -> tuple[str, EngineSpec]:
+        return self.engine_name, self.engine_spec
+
+    def pool_call(self) -> PoolCall:
+        return PoolCall(self.name, self.engine_name, self.engine_spec, ScoreRunner,
+                        {"spec": self.spec, "sampling": self.sampling}, **self.pool_options())
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)
