@@ -198,3 +198,29 @@ def test_score_p_yes_from_vllm_logprobs_agrees_with_transformers(local_ray, tmp_
         assert value is not None and 0.0 <= value <= 1.0
         # same weights, bf16 on both sides: P(Yes) read from vLLM's top-20 logprobs
         assert value == pytest.approx(scores["transformers"][row_id], abs=0.1)
+
+
+@pytest.mark.integration
+@pytest.mark.vllm
+@needs_vllm
+def test_refine_respond_score_on_one_vllm_engine_start_it_once(local_ray, tmp_path):
+    rows = seed_rows(6)
+    source = write_input(tmp_path / "in", rows)
+    # a ray.data.llm engine: alone, refine would stream through the processor; sharing its
+    # engine with respond and score, the three run in one engine pool, one vllm.LLM per replica
+    engine = {**CPU_ENGINE, "sampling": {"max_tokens": 8}}
+    summary = run(tmp_path, "shared", source, engine, [
+        {"kind": "refine", "engine": "v", "checks": False},
+        {"kind": "respond", "engine": "v", "checks": False, "reject_truncated": False},
+        {"kind": "score", "engine": "v", "methods": ["p_yes"], "max_reject_share": 1.0}])
+    assert summary["model_loads"] == {"v": 1}
+    steps = {step["name"]: step for step in summary["steps"]}
+    for name in ("refine", "respond", "score"):
+        assert steps[name]["pool_shared_by"] == ["refine", "respond", "score"]
+        assert steps[name]["execution"] == "engine_pool"
+        assert steps[name]["rows_in"] == len(rows)
+    kept = read_rows(tmp_path / "shared" / "data") + read_rows(tmp_path / "shared" / "_rejects")
+    assert len(kept) == len(rows)
+    for row in kept:
+        assert row["refined_instruction"].strip() and row["output"].strip()
+        assert row["respond_model"] == "SmolLM2-135M-Instruct"

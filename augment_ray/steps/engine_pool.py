@@ -19,6 +19,7 @@ from augment_ray.engines.base import (
     Messages,
     Result,
     build_engine,
+    describe_engine,
     engine_class,
 )
 from augment_ray.io.journal import GenerationJournal
@@ -199,6 +200,15 @@ class PoolCall:
         """The call on a pool of its own."""
         return map_with_engine_pool(ds, self.runner, self.spec, self.constructor_kwargs(),
                                     journal=self.journal, max_restarts=self.max_restarts)
+
+
+def describe_in_pool(name: str, spec: EngineSpec) -> dict[str, Any]:
+    """describe_engine for a step that runs `spec` in an engine pool: a vllm engine's
+    `execution` then says engine_pool whatever the spec's default for single-call steps."""
+    described = describe_engine(name, spec)
+    if "execution" in described:
+        described["execution"] = "engine_pool"
+    return described
 
 
 def prepare_engine(spec: EngineSpec) -> None:

@@ -26,6 +26,7 @@ from augment_ray.steps.base import Step
 from augment_ray.steps.engine_pool import (
     EngineActor,
     PoolCall,
+    describe_in_pool,
     pool_cpus,
     prepare_engine,
 )
@@ -209,7 +210,8 @@ class LLMStep(Step):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            **describe_engine(self.engine_name, self.engine_spec),
+            **(describe_engine(self.engine_name, self.engine_spec) if self.runs_on_ray_data_llm
+               else describe_in_pool(self.engine_name, self.engine_spec)),
             "template": self.task.template_version,
             "sampling": self.sampling.model_dump(),
             # the processor answers each prompt once (see steps/ray_data_llm.py)

@@ -23,7 +23,7 @@ from augment_ray.config.base import (
 )
 from augment_ray.config.steps import EngineStepSpec
 from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
-from augment_ray.engines.base import Completion, describe_engine
+from augment_ray.engines.base import Completion
 from augment_ray.io.journal import GenerationJournal
 from augment_ray.kinds import step_kind
 from augment_ray.rows import live_mask, reject_rows, require_columns, set_column
@@ -32,6 +32,7 @@ from augment_ray.steps.engine_pool import (
     EngineActor,
     PoolCall,
     Result,
+    describe_in_pool,
     generate_grouped,
     pool_cpus,
     prepare_engine,
@@ -317,7 +318,7 @@ class ScoreStep(Step):
         spec = self.spec
         return {
             **super().describe(),
-            **describe_engine(self.engine_name, self.engine_spec),
+            **describe_in_pool(self.engine_name, self.engine_spec),
             "methods": spec.methods,
             "beta": spec.beta,
             **({"consistency": {"samples": spec.consistency_samples,
