@@ -65,6 +65,12 @@ class Engine:
         return {}
 
     @classmethod
+    def concurrent_calls(cls, spec: Any) -> int:
+        """generate() calls one pool actor runs at once (Ray Data batches); more than 1 only
+        for engines whose calls mostly wait (HTTP) and are thread-safe."""
+        return 1
+
+    @classmethod
     def pool_cpus(cls, spec: Any) -> float:
         """CPUs a pool of this engine holds at its largest."""
         return spec.replica_range[1] * spec.num_cpus

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from typing import Any, ClassVar, Literal
 
@@ -104,6 +105,7 @@ class SentenceTransformersEngine(Engine):
                                         spec.max_text_tokens)
         self.dimension = int(self.model.get_embedding_dimension())
         self.load_seconds = time.perf_counter() - started
+        self._lock = threading.Lock()
         log.info("Loaded %s in %.2fs", self.model_name, self.load_seconds)
 
     def generate(self, prompts: Any, sampling: Any) -> Any:
@@ -113,7 +115,8 @@ class SentenceTransformersEngine(Engine):
         """Unit-length float32 vectors, one row per text (an empty text embeds as itself)."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self.model.encode(
-            texts, batch_size=self.spec.batch_size, normalize_embeddings=True,
-            show_progress_bar=False, convert_to_numpy=True)
+        with self._lock:  # a fast tokenizer used by two threads at once fails
+            vectors = self.model.encode(
+                texts, batch_size=self.spec.batch_size, normalize_embeddings=True,
+                show_progress_bar=False, convert_to_numpy=True)
         return np.asarray(vectors, dtype=np.float32)

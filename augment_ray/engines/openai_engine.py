@@ -1,8 +1,11 @@
 """Any OpenAI-compatible chat-completions server (vLLM, SGLang, DashScope, OpenAI) over HTTP.
 
-One engine sends up to `max_concurrency` requests at once from a thread pool, so it works in
-a sync Ray actor method. A request that keeps failing becomes that prompt's GenerationFailure;
-the API key is read once from the named environment variable and never logged or returned.
+One engine sends up to `max_concurrency` requests at once from one thread pool that every
+generate() call shares, and its pool actors run several calls at once (`concurrent_calls`):
+while one batch waits for its slowest request, the next batch's requests fill the free slots.
+Requests/min and tokens/min limits are paced client-side, shared by every replica
+(rate_limits.py). A request that keeps failing becomes that prompt's GenerationFailure; the API
+key is read once from the named environment variable and never logged or returned.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from augment_ray.engines.base import (
     finish_reason,
     request_seeds,
 )
+from augment_ray.engines.rate_limits import Limiter, limiter_for
 from augment_ray.errors import EngineError
 from augment_ray.kinds import engine_kind
 from augment_ray.names import check_env_var_name
@@ -38,6 +42,13 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 MAX_DETAIL_CHARS = 300
 JITTER = 0.1  # up to +10% of each delay, so concurrent retries do not hit the server in step
 CONNECT_TIMEOUT_S = 10.0
+# engine calls an actor runs at once: enough batches queued that a slow request's batch never
+# leaves the request slots without work
+CALLS_PER_ACTOR = 4
+# a conservative prompt-token estimate for the tokens/min limit until the server's usage
+# corrects it: a token is ~4 bytes of English, ~3 of CJK text (3 bytes a character)
+BYTES_PER_TOKEN = 3
+TOKENS_PER_MESSAGE = 4
 
 
 
@@ -50,7 +61,15 @@ class OpenAIEngineSpec(EngineSpec):
     api_key_env: str | None = Field(
         None, description="NAME of the env var that holds the API key (never the key itself)"
     )
-    max_concurrency: int = Field(8, gt=0, description="requests in flight per actor")
+    max_concurrency: int = Field(
+        8, gt=0, description="requests in flight per actor, kept full across batches")
+    max_requests_per_minute: int | None = Field(
+        None, gt=0, description="client-side limit shared by all replicas of the pool "
+        "(and by every pool of the run on the same base_url, model and key)")
+    max_tokens_per_minute: int | None = Field(
+        None, gt=0, description="client-side limit of prompt + completion tokens, shared like "
+        "max_requests_per_minute; a request books its prompt estimate + max_tokens, corrected "
+        "by the server's usage")
     max_retries: int = Field(5, ge=0, description="retries of a request on 429/5xx/timeouts")
     backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each retry")
     max_backoff_s: float = Field(30.0, gt=0, description="longest retry delay")
@@ -97,6 +116,10 @@ class OpenAIEngine(Engine):
     def describe(cls, spec: Any) -> dict[str, Any]:
         return {"base_url": spec.base_url}
 
+    @classmethod
+    def concurrent_calls(cls, spec: Any) -> int:
+        return CALLS_PER_ACTOR
+
     def __init__(self, spec: OpenAIEngineSpec) -> None:
         self.spec = spec
         self.model_name = spec.model
@@ -108,15 +131,21 @@ class OpenAIEngine(Engine):
             timeout=httpx.Timeout(spec.timeout_s, connect=min(spec.timeout_s, CONNECT_TIMEOUT_S)),
             limits=httpx.Limits(max_connections=spec.max_concurrency),
         )
+        # the request slots of every generate() call, so concurrent calls share them
+        self._slots = ThreadPoolExecutor(max_workers=spec.max_concurrency,
+                                         thread_name_prefix="openai-engine")
+        self._limiter: Limiter | None = limiter_for(
+            f"{spec.base_url}\x1f{spec.model}\x1f{spec.api_key_env}",
+            spec.max_requests_per_minute, spec.max_tokens_per_minute)
 
     def close(self) -> None:
+        self._slots.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     def generate(self, prompts: list[Messages], sampling: SamplingParams) -> list[Result]:
         bodies = self._request_bodies(prompts, sampling)
-        workers = max(1, min(self.spec.max_concurrency, len(bodies)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-engine") as pool:
-            return list(pool.map(self._answer, bodies))
+        futures = [self._slots.submit(self._answer, body) for body in bodies]
+        return [future.result() for future in futures]
 
     def _request_bodies(self, prompts: list[Messages], sampling: SamplingParams
                         ) -> list[dict[str, Any]]:
@@ -147,11 +176,27 @@ class OpenAIEngine(Engine):
             log.warning("request failed unexpectedly: %s", detail)
             return GenerationFailure("api_error", detail)
 
+    def _post(self, body: dict[str, Any]) -> httpx.Response:
+        """One POST, after the rate limits allow it (every attempt counts at the server)."""
+        limiter = self._limiter
+        if limiter is None:
+            return self._client.post(self.url, json=body)
+        booked = estimated_tokens(body)
+        limiter.acquire(booked)
+        used = booked
+        try:
+            response = self._client.post(self.url, json=body)
+            if response.status_code == 200:
+                used = _used_tokens(response, booked)
+            return response
+        finally:
+            limiter.settle(booked, used)
+
     def _post_with_retries(self, body: dict[str, Any]) -> Result:
         attempts = self.spec.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                response = self._client.post(self.url, json=body)
+                response = self._post(body)
             except httpx.TransportError as error:  # connect errors, timeouts, dropped links
                 problem, retry_after = f"{type(error).__name__}: {error}", None
             else:
@@ -216,6 +261,24 @@ def _read_api_key(env_name: str | None) -> str | None:
             "which is not set or empty: export the API key in it."
         )
     return key
+
+
+def estimated_tokens(body: dict[str, Any]) -> int:
+    """What a request may cost against tokens/min before the server says: its prompt
+    (over-)estimated from its bytes, plus every token it may generate."""
+    prompt = sum(len(str(m.get("content", "")).encode()) // BYTES_PER_TOKEN + TOKENS_PER_MESSAGE
+                 for m in body["messages"])
+    return prompt + int(body["max_tokens"])
+
+
+def _used_tokens(response: httpx.Response, booked: int) -> int:
+    """Prompt + completion tokens the server counted (its usage), else what was booked."""
+    try:
+        usage = response.json().get("usage") or {}
+        used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    except (ValueError, TypeError, AttributeError):
+        return booked
+    return used or booked
 
 
 def _retryable(status: int) -> bool:

@@ -6,6 +6,7 @@ retries' sampling, and the output rows with their lineage columns.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -32,6 +33,9 @@ from augment_ray.validate.checks import Embed
 
 # a greedy retry would repeat the same answer: retries sample at least this warm
 RETRY_MIN_TEMPERATURE = 0.7
+# an actor may run several batches at once (Engine.concurrent_calls): a task's with_batch()
+# state must hold while that batch's prompts are written
+_PROMPTING = threading.Lock()
 
 
 def lineage_columns(step: str, generates_rows: bool = False) -> dict[str, pa.DataType]:
@@ -236,6 +240,12 @@ def typed_from_values(table: pa.Table, rows: list[dict]) -> pa.Table:
 def prompt_rows(task: LLMTask, rows: dict[int, dict]
                 ) -> tuple[list[Generation], dict[int, tuple[str, str]]]:
     """The generations to run for live `rows`, and the rows that cannot be prompted."""
+    with _PROMPTING:
+        return _prompt_rows(task, rows)
+
+
+def _prompt_rows(task: LLMTask, rows: dict[int, dict]
+                 ) -> tuple[list[Generation], dict[int, tuple[str, str]]]:
     if hasattr(task, "with_batch"):  # tasks that show other rows as examples
         task.with_batch(list(rows.values()))
     generations: list[Generation] = []
