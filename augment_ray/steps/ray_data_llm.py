@@ -1,8 +1,13 @@
 """A prompt + parse step on vLLM through Ray's own ray.data.llm processor.
 
-    rows -> request rows (our prompts, one row per generation)            CPU tasks
-         -> ray.data.llm: chat template -> vLLM (tokenizes, detokenizes)   vLLM actor pool
+    rows -> request rows (one per generation: the prompt through the     CPU tasks
+            model's chat template, sampling params, seed)
+         -> ray.data.llm: vLLM (tokenizes, detokenizes)                  vLLM actor pool
          -> output rows (parsed answers, lineage, rejects)               CPU tasks
+
+The request rows are what the engine stage reads, built a block at a time: no row-by-row
+preprocess/postprocess maps and no chat-template actor pool, stages that would only copy every
+row once more and compete with the engine for CPU (docs/BENCHMARKS.md#engines measures it).
 
 Every input row travels through the processor, so nothing has to be joined back: a row that is
 not asked anything (rejected earlier, cannot be prompted, a seed kept beside its expansions)
@@ -18,12 +23,12 @@ stage.
 from __future__ import annotations
 
 import json
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray.data
 
-from augment_ray.config.base import SamplingParams
 from augment_ray.engines.base import (
     Completion,
     GenerationFailure,
@@ -33,7 +38,6 @@ from augment_ray.engines.base import (
 )
 from augment_ray.engines.model_files import model_display_name
 from augment_ray.engines.vllm_engine import (
-    CPU_STAGE_CPUS,
     VllmEngineSpec,
     lora_root_and_name,
     vllm_engine_kwargs,
@@ -70,6 +74,7 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
                                    KEY: []}
     known = journal.answers() if journal is not None else {}
     sampling_json = step.sampling.model_dump_json()
+    template = chat_template_of(step.engine_spec)
 
     def add(index: int, role: str, gen: int = -1, messages: Any = None,
             reason: str | None = None, detail: str | None = None, key: str | None = None
@@ -98,6 +103,7 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
             messages, key=key)
     packed = table.take(picks).to_struct_array() if picks else pa.array(
         [], pa.struct(list(table.schema)))
+    requests = [role == "request" for role in extra[ROLE]]
     return pa.table({
         ROW: packed,
         ROLE: pa.array(extra[ROLE], pa.string()),
@@ -106,36 +112,50 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
         REASON: pa.array(extra[REASON], pa.string()),
         DETAIL: pa.array(extra[DETAIL], pa.string()),
         KEY: pa.array(extra[KEY], pa.string()),
+        # what the engine stage reads; a row with the error marker set skips every stage
+        # ("" and not null for a request: null would read as an error)
+        ERROR: pa.array(["" if asked else PASS_MARK for asked in requests], pa.string()),
+        "prompt": pa.array([template(json.loads(m)) if asked else None
+                            for asked, m in zip(requests, extra[MESSAGES], strict=True)],
+                           pa.string()),
+        "sampling_params": _sampling_column(step, table, picks, extra, requests),
+        # a LoRA adapter is selected per request by its folder's name
+        **({"model": pa.array([adapter[1]] * len(picks), pa.string())}
+           if (adapter := lora_root_and_name(step.engine_spec)) else {}),
     })
 
 
-class ToProcessorRow:
-    """ray.data.llm preprocess: a request gets messages + sampling; the rest skip every stage."""
-
-    def __init__(self, sampling: SamplingParams, model: str | None) -> None:
-        self.sampling = vllm_sampling_kwargs(sampling)
-        self.seed = sampling.seed
-        self.model = model  # a LoRA adapter's name selects it per request
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        if row[ROLE] != "request":
-            return {**row, ERROR: PASS_MARK}
-        salt = f"{row[ROW].get(ID)}:{row[GEN]}"
-        # "" and not absent: Ray fills a key missing from some rows of a block with None,
-        # and None would read as an error that skips the row past the engine
-        request = {**row, ERROR: "", "messages": json.loads(row[MESSAGES]), "sampling_params": {
-            **self.sampling, "seed": request_seed(self.seed, row[MESSAGES], salt)}}
-        if self.model:
-            request["model"] = self.model
-        return request
+def _sampling_column(step: LLMStep, table: pa.Table, picks: list[int],
+                     extra: dict[str, list[Any]], requests: list[bool]) -> pa.Array:
+    """vllm.SamplingParams fields per request, each with its own seed (base.request_seed)."""
+    sampling = vllm_sampling_kwargs(step.sampling)
+    if "structured_outputs" in sampling:  # the schema as JSON text: one arrow type per step
+        sampling["structured_outputs"] = {"json": step.sampling.json_schema}
+    ids = table[ID].to_pylist() if ID in table.column_names else [None] * len(table)
+    values = [
+        {**sampling, "seed": request_seed(step.sampling.seed, messages,
+                                          f"{ids[index]}:{gen}")} if asked else None
+        for index, gen, messages, asked in zip(picks, extra[GEN], extra[MESSAGES], requests,
+                                               strict=True)
+    ]
+    return pa.array(values)
 
 
-def from_processor_row(row: dict[str, Any]) -> dict[str, Any]:
-    """ray.data.llm postprocess (answered rows only): our columns plus the answer."""
-    return {ROW: row[ROW], ROLE: row[ROLE], GEN: row[GEN], REASON: row.get(REASON),
-            DETAIL: row.get(DETAIL), KEY: row.get(KEY), "generated_text": row.get("generated_text"),
-            "num_input_tokens": row.get("num_input_tokens"),
-            "num_generated_tokens": row.get("num_generated_tokens")}
+@cache
+def _chat_template(model_source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source)
+
+
+def chat_template_of(spec: Any) -> Any:
+    """messages -> the prompt text vLLM is given (the model's chat template, generation prompt
+    added), with the tokenizer loaded once per worker process."""
+    def render(messages: Any) -> str:
+        tokenizer = _chat_template(vllm_model_source(spec))
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+    return render
 
 
 def output_rows(table: pa.Table, step: LLMStep, model_name: str,
@@ -223,10 +243,9 @@ def processor_config(spec: VllmEngineSpec) -> Any:
                                      else {"GPU": spec.gpu_fraction, "CPU": 1}),
                                   **spec.resources},
         },
-        # the chat-template actors do light work: a tenth of a CPU each
-        chat_template_stage={"num_cpus": CPU_STAGE_CPUS},
-        # vLLM tokenizes a text prompt itself and returns detokenized text: separate
-        # tokenize/detokenize actor pools would only add hops and CPU contention
+        # request_rows renders the chat template; vLLM tokenizes a text prompt itself and
+        # returns detokenized text: these actor pools would only add hops and CPU contention
+        chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
         should_continue_on_error=True,  # a bad row is rejected, the run goes on
@@ -249,12 +268,7 @@ def apply_with_ray_data_llm(ds: ray.data.Dataset, step: LLMStep) -> ray.data.Dat
 
     spec = step.engine_spec
     assert isinstance(spec, VllmEngineSpec)
-    lora = lora_root_and_name(spec)
-    processor = build_processor(
-        processor_config(spec),
-        preprocess=ToProcessorRow(step.sampling, lora[1] if lora else None),
-        postprocess=from_processor_row,
-    )
+    processor = build_processor(processor_config(spec))
     bound_engine_restarts(processor, step.pool_options()["max_restarts"])
     journal = step.journal()
     requests = ds.map_batches(request_rows, fn_kwargs={"step": step, "journal": journal},
