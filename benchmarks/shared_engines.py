@@ -110,9 +110,14 @@ def run_once(job_file: Path, output: Path) -> dict[str, Any]:
         raise SystemExit(f"{job_file} failed:\n{out[-3000:]}")
     summary = json.loads((output / "_summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
+    # model_loads counts engine-pool actors; a step on ray.data.llm starts `replicas` engines of
+    # its own, which its entry says (execution ray_data_llm) but model_loads does not count
+    processor_engines = sum(s.get("replicas", 0) for s in summary["steps"]
+                            if s.get("execution") == "ray_data_llm")
     return {
         "wall_s": round(seconds, 1),
         "model_loads": summary.get("model_loads"),
+        "model_copies": sum((summary.get("model_loads") or {}).values()) + processor_engines,
         "peak_rss_tree_mb": round(memory.tree / 2**20),
         "peak_rss_engine_actors_mb": round(memory.actors / 2**20),
         "completion_tokens": sum(s.get("completion_tokens", 0) for s in summary["steps"]),

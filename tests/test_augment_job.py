@@ -78,6 +78,9 @@ def test_expand_then_respond_links_every_new_row_to_its_seed(local_ray, tmp_path
     assert steps["expand"]["rows_in"] == 3
     assert steps["expand"]["rows_created"] == 6
     assert steps["respond"]["rows_in"] == steps["expand"]["rows_out"]
+    # both steps name one engine: one pool of 2 replicas, each loading the model once
+    assert steps["respond"]["pool_shared_by"] == ["expand", "respond"]
+    assert summary["model_loads"] == {"small": 2}
     assert summary["rows_out"] + summary["rows_rejected"] == 9
 
 
