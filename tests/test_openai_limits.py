@@ -28,7 +28,9 @@ from augment_ray.engines.base import Completion, Messages
 from augment_ray.engines.openai_engine import OpenAIEngine, OpenAIEngineSpec, estimated_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-WINDOW_S = 2.0  # the server's window; per-minute limits are checked per WINDOW_S
+# the server's window; per-minute limits are checked per WINDOW_S. A stalled client (a busy
+# test machine) sends late requests together: a 60 s window hardly notices, a 1 s one would
+WINDOW_S = 3.0
 SAMPLING = SamplingParams(temperature=0.0, max_tokens=16)
 TOLERANCE = 1.05
 
@@ -95,30 +97,30 @@ def test_tokens_per_minute_hold_at_the_server_and_are_corrected_by_usage() -> No
     used = sum(a.tokens for a in server.arrivals if a.status == 200)
     booked = sum(estimated_tokens({"messages": p, "max_tokens": 16}) for p in prompts(100))
     assert booked > 1.4 * used  # the estimate alone would pace at ~2/3 of the limit:
-    assert used / seconds >= tpm / 60 * 0.8  # the server's usage corrected it
+    assert used / seconds >= tpm / 60 * 0.8, (used, seconds)  # the server's usage corrected it
 
 
 def test_one_slow_request_in_32_keeps_the_limit_busy() -> None:
-    """At 60 requests/s, one prompt in 32 answered 0.6 s late (10x): calls that overlap keep
+    """At 40 requests/s, one prompt in 32 answered 0.6 s late (10x): calls that overlap keep
     the slots full; one call at a time (the engine before request slots were shared across
     batches) waits for each batch's slow request."""
-    rpm = 3600
+    rpm, n = 2400, 320
 
     def throughput(slow_at: int | None, calls: int) -> float:
         server = FakeOpenAI(latency_s=(0.04, 0.08), slow_s=0.6)
         with running(server):
             engine = engine_for(server, max_requests_per_minute=rpm)
-            results, seconds = run_batches(engine, prompts(384, slow_at), 32, calls)
+            results, seconds = run_batches(engine, prompts(n, slow_at), 32, calls)
             engine.close()
         assert all(isinstance(r, Completion) for r in results)
-        return 384 / seconds
+        return n / seconds
 
     calls = OpenAIEngine.concurrent_calls(OpenAIEngineSpec(kind="openai", base_url="http://x",
                                                            model="m"))
-    fast, slow = throughput(None, calls), throughput(5, calls)
+    fast, slow = throughput(None, calls), throughput(20, calls)
     assert slow >= 0.9 * fast, (slow, fast)
-    one_call_at_a_time = throughput(5, 1)
-    assert one_call_at_a_time < 0.85 * fast, (one_call_at_a_time, fast)
+    one_call_at_a_time = throughput(20, 1)
+    assert one_call_at_a_time < 0.85 * fast, (one_call_at_a_time, fast)  # the test can fail
 
 
 def test_cli_run_with_two_replicas_shares_the_limit_and_keeps_every_answer(
