@@ -12,6 +12,7 @@ from pydantic import Field
 
 from augment_ray.config.base import EngineSpec, SamplingParams
 from augment_ray.engines.base import Completion, Engine, GenerationFailure, Messages
+from augment_ray.engines.continuous_batching import Answer, SlotDecoder
 from augment_ray.engines.model_files import model_display_name, resolve_model_dir
 from augment_ray.kinds import engine_kind
 from augment_ray.progress import quiet_model_loading
@@ -54,7 +55,7 @@ class TransformersEngineSpec(EngineSpec):
 
 @engine_kind(TransformersEngineSpec)
 class TransformersEngine(Engine):
-    reports_progress = True  # generate() takes progress=, called after every sub-batch
+    reports_progress = True  # generate() takes progress=, called as answers finish
 
     @classmethod
     def prepare(cls, spec: Any) -> None:
@@ -109,18 +110,44 @@ class TransformersEngine(Engine):
         self, prompts: list[Messages], sampling: SamplingParams,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Completion | GenerationFailure]:
-        texts = [self.render(messages) for messages in prompts]
-        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        results: list[Completion | GenerationFailure | None] = [None] * len(prompts)
-        runnable = []
-        for index, ids in enumerate(token_ids):
-            if len(ids) > self.spec.max_prompt_tokens:
-                results[index] = GenerationFailure(
-                    "prompt_too_long",
-                    f"{len(ids)} prompt tokens > max_prompt_tokens {self.spec.max_prompt_tokens}",
-                )
-            else:
-                runnable.append(index)
+        """Slot refill (continuous batching) by default; static batches when logprobs are
+        asked for (they need every step's logits, which the slot loop does not keep)."""
+        if sampling.logprobs is not None:
+            return self.generate_static(prompts, sampling, progress)
+        token_ids, results, runnable = self._tokenize(prompts)
+        decoder = SlotDecoder(self.model, self.stop_ids, self.tokenizer.pad_token_id,
+                              self.spec.batch_size, self.spec.max_batch_tokens)
+        finished: list[Completion] = []
+
+        def on_finish(index: int, answer: Answer) -> None:
+            results[index] = completion = self._completion(
+                token_ids[index], answer.tokens, answer.stopped)
+            finished.append(completion)
+
+        def report() -> None:
+            if progress is not None and finished:  # (prompts finished, completion tokens)
+                progress(len(finished), sum(c.completion_tokens for c in finished))
+            finished.clear()
+
+        try:
+            decoder.run({i: token_ids[i] for i in runnable}, sampling, on_finish, report)
+        except RuntimeError as error:  # e.g. out of memory: reject what is left, keep the rest
+            log.exception("generation failed with %d prompts unanswered",
+                          sum(results[i] is None for i in runnable))
+            failure = GenerationFailure("engine_error", str(error)[:500])
+            for index in runnable:
+                if results[index] is None:
+                    results[index] = failure
+        report()
+        return [result for result in results if result is not None]
+
+    def generate_static(
+        self, prompts: list[Messages], sampling: SamplingParams,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Completion | GenerationFailure]:
+        """Length-sorted padded batches through `model.generate`: each batch decodes until its
+        longest answer ends."""
+        token_ids, results, runnable = self._tokenize(prompts)
         for chunk in self._batches(runnable, [len(ids) for ids in token_ids]):
             try:
                 outputs = self._generate_batch([token_ids[i] for i in chunk], sampling)
@@ -133,6 +160,37 @@ class TransformersEngine(Engine):
                 progress(len(chunk), sum(o.completion_tokens for o in outputs
                                          if isinstance(o, Completion)))
         return [result for result in results if result is not None]
+
+    def _tokenize(self, prompts: list[Messages]) -> tuple[
+        list[list[int]], list[Completion | GenerationFailure | None], list[int]
+    ]:
+        """Token ids per prompt, results with the too-long prompts already rejected, and the
+        indices of the prompts to generate."""
+        texts = [self.render(messages) for messages in prompts]
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        results: list[Completion | GenerationFailure | None] = [None] * len(prompts)
+        runnable = []
+        for index, ids in enumerate(token_ids):
+            if len(ids) > self.spec.max_prompt_tokens:
+                results[index] = GenerationFailure(
+                    "prompt_too_long",
+                    f"{len(ids)} prompt tokens > max_prompt_tokens {self.spec.max_prompt_tokens}",
+                )
+            else:
+                runnable.append(index)
+        return token_ids, results, runnable
+
+    def _completion(self, prompt_ids: list[int], tokens: list[int], stopped: bool,
+                    logprobs: tuple[dict[str, float], ...] | None = None) -> Completion:
+        """`tokens` end at the first stop token (counted, not in the text) or at max_tokens."""
+        kept = tokens[:-1] if stopped else tokens
+        return Completion(
+            text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(tokens),
+            finish_reason="stop" if stopped else "length",
+            logprobs=logprobs,
+        )
 
     def _batches(self, indices: list[int], lengths: list[int]) -> list[list[int]]:
         """Length-sorted batches of at most batch_size prompts and max_batch_tokens padded
@@ -192,19 +250,12 @@ class TransformersEngine(Engine):
         completions = []
         for row, (ids, tokens) in enumerate(zip(batch_ids, new_tokens, strict=False)):
             end = next((i for i, token in enumerate(tokens) if token in stops), None)
-            kept = tokens if end is None else tokens[:end]
             used = len(tokens) if end is None else end + 1
-            completions.append(
-                Completion(
-                    text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    prompt_tokens=len(ids),
-                    completion_tokens=used,
-                    finish_reason="length" if end is None else "stop",
-                    logprobs=None if step_logits is None else self._top_logprobs(
-                        [logits[row] for logits in step_logits[:used]], sampling.logprobs
-                    ),
-                )
-            )
+            completions.append(self._completion(
+                ids, tokens[:used], end is not None,
+                None if step_logits is None else self._top_logprobs(
+                    [logits[row] for logits in step_logits[:used]], sampling.logprobs),
+            ))
         return completions
 
     def _top_logprobs(self, logits: list, k: int) -> tuple[dict[str, float], ...]:
