@@ -129,13 +129,14 @@ class SlotDecoder:
             while queue or batch:
                 free = self.slots - len(batch)
                 if queue and free >= min(refill_at, len(queue)):
-                    admitted = self._admit(queue, prompts, free, sampling, generator)
-                    # the prefill chose each new row's first token: it may already end it
-                    self._take(admitted, answers, sampling, on_finish)
-                    batch.extend(admitted)
-                    after_step()
-                    if not batch:
-                        continue
+                    admitted = self._admit(queue, prompts, batch, sampling, generator)
+                    if admitted is not None:
+                        # the prefill chose each new row's first token: it may already end it
+                        self._take(admitted, answers, sampling, on_finish)
+                        batch.extend(admitted)
+                        after_step()
+                        if not batch:
+                            continue
                 logits = self.model(
                     input_ids=batch.next_tokens[:, None],
                     attention_mask=batch.mask,
@@ -149,19 +150,25 @@ class SlotDecoder:
                 self._take(batch, answers, sampling, on_finish)
                 after_step()
 
-    def _admit(self, queue: deque[int], prompts: dict[int, list[int]], free: int,
-               sampling: SamplingParams, generator: Any) -> SlotBatch:
-        """Prefill the next queued prompts (at most `free`, and at most max_batch_tokens padded
-        prompt tokens) into a batch of their own, each with its first token chosen."""
+    def _admit(self, queue: deque[int], prompts: dict[int, list[int]], batch: SlotBatch,
+               sampling: SamplingParams, generator: Any) -> SlotBatch | None:
+        """Prefill the next queued prompts into a batch of their own, each with its first token
+        chosen: as many as there are free slots while the whole batch stays within
+        max_batch_tokens padded prompt tokens (every row is padded to the longest: one long
+        prompt must not widen 31 others' caches). None when none fits yet."""
         import torch
         from transformers import DynamicCache
 
         chosen: list[int] = []
-        while queue and len(chosen) < free:
-            width = len(prompts[queue[0]])  # sorted: the newest is the longest
-            if chosen and (len(chosen) + 1) * width > self.max_batch_tokens:
+        widest = max((len(prompts[i]) for i in batch.rows), default=0)
+        while queue and len(batch) + len(chosen) < self.slots:
+            width = max(widest, len(prompts[queue[0]]))  # sorted: the newest is the longest
+            if (batch or chosen) and (
+                    len(batch) + len(chosen) + 1) * width > self.max_batch_tokens:
                 break
             chosen.append(queue.popleft())
+        if not chosen:
+            return None
         width = max(len(prompts[i]) for i in chosen)
         input_ids = torch.full((len(chosen), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(chosen), width), dtype=torch.long)
