@@ -394,8 +394,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="augment-ray-bench-") as tmp:
         for engine in engines:
             raw = run_raw_in_subprocess(engine, argv)
+            # PYTHONPATH=<another checkout> benchmarks that checkout's pipeline: Ray's workers
+            # import augment_ray from there too
+            pythonpath = os.environ.get("PYTHONPATH")
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level="WARNING", log_to_driver=False)  # stdout is the JSON
+                     logging_level="WARNING", log_to_driver=False,  # stdout is the JSON
+                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None)
             try:
                 pipeline = run_pipeline(engine, args, rows, Path(tmp))
             finally:
