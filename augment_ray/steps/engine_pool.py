@@ -3,10 +3,11 @@ per actor), the actor base that loads it, and sampling-grouped generation."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,19 +96,33 @@ class GuardedEngine:
         return getattr(self.engine, name)
 
 
-# engines loaded in this process, by spec: the runners of steps that share a pool (see
-# steps/shared_engine.py) live in one actor and must share its one model copy
-_LOADED: dict[str, Any] = {}
+# while runners of steps that share a pool are built (steps/shared_engine.py), the engines
+# loaded so far, by spec: they live in one actor and must share its one model copy
+_SHARING: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def one_engine_per_spec() -> Iterator[None]:
+    """Runners built inside share one engine per spec (loaded by the first that needs it)."""
+    global _SHARING
+    _SHARING = {}
+    try:
+        yield
+    finally:
+        _SHARING = None
 
 
 def loaded_engine(spec: EngineSpec, engine_name: str = "", progress_board: Any = None) -> Any:
-    """The engine `spec` describes, loaded once per process; a load is told to the board (the
-    summary's `model_loads`)."""
+    """The engine `spec` describes (the one already loaded, inside one_engine_per_spec); a load
+    is told to the board (the summary's `model_loads`)."""
     key = f"{type(spec).__name__}:{spec.model_dump_json()}"
-    if key not in _LOADED:
-        _LOADED[key] = build_engine(spec)
-        tell_model_load(progress_board, engine_name or spec.kind)
-    return _LOADED[key]
+    if _SHARING is not None and key in _SHARING:
+        return _SHARING[key]
+    engine = build_engine(spec)
+    tell_model_load(progress_board, engine_name or spec.kind)
+    if _SHARING is not None:
+        _SHARING[key] = engine
+    return engine
 
 
 class EngineActor:

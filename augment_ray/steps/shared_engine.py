@@ -2,10 +2,11 @@
 
 A job that refines, then responds, then scores with the same teacher would otherwise start a
 pool per step and hold the model three times. Here such a run of steps becomes one actor-pool
-stage: each actor loads the engine once (engine_pool.loaded_engine) and builds every step's own
-runner around it; a batch goes through the steps in order inside one actor call, and the rows
-are counted after each step as a pool of its own would count them. Each step keeps its runner,
-its journal (replay stays per step), its lineage, retries, checks and rejects.
+stage: each actor loads the engine once and builds every step's own runner around it
+(engine_pool.one_engine_per_spec); a batch goes through the steps in order inside one actor
+call, and the rows are counted after each step as a pool of its own would count them. Each
+step keeps its runner, its journal (replay stays per step), its lineage, retries, checks and
+rejects.
 
 Only steps that are one call on an engine pool and nothing more share (Step.pool_engine): a step
 with a barrier of its own (auto_correct's threshold) or any other step in between ends the run
@@ -23,7 +24,12 @@ import ray.data
 from augment_ray.config.base import EngineSpec
 from augment_ray.progress import count_progress
 from augment_ray.steps.base import Step
-from augment_ray.steps.engine_pool import PoolCall, map_with_engine_pool, pool_cpus
+from augment_ray.steps.engine_pool import (
+    PoolCall,
+    map_with_engine_pool,
+    one_engine_per_spec,
+    pool_cpus,
+)
 
 
 class SharedEngineRunner:
@@ -33,8 +39,8 @@ class SharedEngineRunner:
                  progress_board: Any = None) -> None:
         del engine_spec, journal  # each call carries its own
         self.board = progress_board
-        # the first runner loads the engine; the others find it loaded in this process
-        self.links = [(call.step, call.build(progress_board)) for call in calls]
+        with one_engine_per_spec():  # the first runner loads the engine, the others share it
+            self.links = [(call.step, call.build(progress_board)) for call in calls]
 
     def __call__(self, table: pa.Table) -> pa.Table:
         for step, runner in self.links:
