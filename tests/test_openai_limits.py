@@ -65,15 +65,22 @@ def run_batches(engine: OpenAIEngine, todo: list[Messages], batch: int, calls: i
     return results, time.perf_counter() - started
 
 
-def test_requests_per_minute_hold_at_the_server() -> None:
-    rpm = 1800  # 30/s; the server alone could answer ~130/s at this concurrency
-    server = FakeOpenAI(window_s=WINDOW_S, requests_per_window=per_window(rpm))
+def run_limited(server: FakeOpenAI, n: int, **limits: int) -> tuple[list, float]:
+    """n prompts in batches of 32 through an engine with `limits`, against `server`; every one
+    answered."""
     with running(server):
-        engine = engine_for(server, max_requests_per_minute=rpm)
-        results, seconds = run_batches(engine, prompts(150), 32,
+        engine = engine_for(server, **limits)
+        results, seconds = run_batches(engine, prompts(n), 32,
                                        OpenAIEngine.concurrent_calls(engine.spec))
         engine.close()
     assert all(isinstance(r, Completion) for r in results)
+    return results, seconds
+
+
+def test_requests_per_minute_hold_at_the_server() -> None:
+    rpm = 1800  # 30/s; the server alone could answer ~130/s at this concurrency
+    server = FakeOpenAI(window_s=WINDOW_S, requests_per_window=per_window(rpm))
+    _, seconds = run_limited(server, 150, max_requests_per_minute=rpm)
     most, _ = server.peak(WINDOW_S)
     assert most <= per_window(rpm) * TOLERANCE, (most, per_window(rpm))
     assert 150 / seconds <= rpm / 60 * TOLERANCE
@@ -86,12 +93,7 @@ def test_requests_per_minute_hold_at_the_server() -> None:
 def test_tokens_per_minute_hold_at_the_server_and_are_corrected_by_usage() -> None:
     tpm = 30_000  # 500 tokens/s: ~25 requests/s of the ~20 tokens the server counts
     server = FakeOpenAI(window_s=WINDOW_S, tokens_per_window=per_window(tpm))
-    with running(server):
-        engine = engine_for(server, max_tokens_per_minute=tpm)
-        results, seconds = run_batches(engine, prompts(100), 32,
-                                       OpenAIEngine.concurrent_calls(engine.spec))
-        engine.close()
-    assert all(isinstance(r, Completion) for r in results)
+    _, seconds = run_limited(server, 100, max_tokens_per_minute=tpm)
     _, most = server.peak(WINDOW_S)
     assert most <= per_window(tpm) * TOLERANCE, (most, per_window(tpm))
     used = sum(a.tokens for a in server.arrivals if a.status == 200)

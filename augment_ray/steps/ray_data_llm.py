@@ -22,13 +22,13 @@ stage.
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray.data
 
+from augment_ray.config.base import SamplingParams
 from augment_ray.engines.base import (
     Completion,
     GenerationFailure,
@@ -61,6 +61,8 @@ DETAIL = "_ar_detail"
 KEY = "_ar_key"  # the request's journal key
 PASS_MARK = "augment_ray: not a request"
 ERROR = "__inference_error__"
+PROMPT = "prompt"  # the engine stage's input: the chat-templated prompt text
+SAMPLING = "sampling_params"
 
 
 def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | None = None
@@ -71,17 +73,19 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
     generations, unpromptable = prompt_rows(step.task, rows)
     picks: list[int] = []
     extra: dict[str, list[Any]] = {ROLE: [], GEN: [], MESSAGES: [], REASON: [], DETAIL: [],
-                                   KEY: []}
+                                   KEY: [], PROMPT: [], SAMPLING: []}
     known = journal.answers() if journal is not None else {}
     sampling_json = step.sampling.model_dump_json()
+    sampling = engine_sampling(step.sampling)
     template = chat_template_of(step.engine_spec)
 
     def add(index: int, role: str, gen: int = -1, messages: Any = None,
-            reason: str | None = None, detail: str | None = None, key: str | None = None
-            ) -> None:
+            reason: str | None = None, detail: str | None = None, key: str | None = None,
+            prompt: str | None = None, params: dict[str, Any] | None = None) -> None:
         picks.append(index)
         for name, value in ((ROLE, role), (GEN, gen), (MESSAGES, messages),
-                            (REASON, reason), (DETAIL, detail), (KEY, key)):
+                            (REASON, reason), (DETAIL, detail), (KEY, key), (PROMPT, prompt),
+                            (SAMPLING, params)):
             extra[name].append(value)
 
     asked = {g.row for g in generations}
@@ -97,13 +101,17 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
                 add(index, "reject", reason="seed_not_kept", detail="")
     for generation in generations:
         messages = messages_json(generation.messages)
-        key = request_key(messages, sampling_json, f"{rows[generation.row].get(ID)}:"
-                                                   f"{generation.index}")
-        add(generation.row, "cached" if key in known else "request", generation.index,
-            messages, key=key)
+        salt = f"{rows[generation.row].get(ID)}:{generation.index}"
+        key = request_key(messages, sampling_json, salt)
+        if key in known:
+            add(generation.row, "cached", generation.index, messages, key=key)
+            continue
+        # each request seeded on its own (base.request_seed)
+        add(generation.row, "request", generation.index, messages, key=key,
+            prompt=template(generation.messages),
+            params={**sampling, "seed": request_seed(step.sampling.seed, messages, salt)})
     packed = table.take(picks).to_struct_array() if picks else pa.array(
         [], pa.struct(list(table.schema)))
-    requests = [role == "request" for role in extra[ROLE]]
     return pa.table({
         ROW: packed,
         ROLE: pa.array(extra[ROLE], pa.string()),
@@ -114,31 +122,22 @@ def request_rows(table: pa.Table, step: LLMStep, journal: GenerationJournal | No
         KEY: pa.array(extra[KEY], pa.string()),
         # what the engine stage reads; a row with the error marker set skips every stage
         # ("" and not null for a request: null would read as an error)
-        ERROR: pa.array(["" if asked else PASS_MARK for asked in requests], pa.string()),
-        "prompt": pa.array([template(json.loads(m)) if asked else None
-                            for asked, m in zip(requests, extra[MESSAGES], strict=True)],
-                           pa.string()),
-        "sampling_params": _sampling_column(step, table, picks, extra, requests),
+        ERROR: pa.array(["" if role == "request" else PASS_MARK for role in extra[ROLE]],
+                        pa.string()),
+        PROMPT: pa.array(extra[PROMPT], pa.string()),
+        SAMPLING: pa.array(extra[SAMPLING]),
         # a LoRA adapter is selected per request by its folder's name
         **({"model": pa.array([adapter[1]] * len(picks), pa.string())}
            if (adapter := lora_root_and_name(step.engine_spec)) else {}),
     })
 
 
-def _sampling_column(step: LLMStep, table: pa.Table, picks: list[int],
-                     extra: dict[str, list[Any]], requests: list[bool]) -> pa.Array:
-    """vllm.SamplingParams fields per request, each with its own seed (base.request_seed)."""
-    sampling = vllm_sampling_kwargs(step.sampling)
-    if "structured_outputs" in sampling:  # the schema as JSON text: one arrow type per step
-        sampling["structured_outputs"] = {"json": step.sampling.json_schema}
-    ids = table[ID].to_pylist() if ID in table.column_names else [None] * len(table)
-    values = [
-        {**sampling, "seed": request_seed(step.sampling.seed, messages,
-                                          f"{ids[index]}:{gen}")} if asked else None
-        for index, gen, messages, asked in zip(picks, extra[GEN], extra[MESSAGES], requests,
-                                               strict=True)
-    ]
-    return pa.array(values)
+def engine_sampling(sampling: SamplingParams) -> dict[str, Any]:
+    """vllm.SamplingParams fields as the engine stage reads them from a row."""
+    params = vllm_sampling_kwargs(sampling)
+    if "structured_outputs" in params:  # the schema as JSON text: one arrow type per step
+        params["structured_outputs"] = {"json": sampling.json_schema}
+    return params
 
 
 @cache
