@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from augment_ray.config.base import NormalizeSpec
+from augment_ray.conversations import MESSAGES, SIDES, side_text
 from augment_ray.curate.hashing import as_array
 from augment_ray.errors import InputDataError
 from augment_ray.rows import require_columns
@@ -18,11 +19,23 @@ FOLD = NormalizeSpec()  # the default folding: NFKC, lower case, whitespace coll
 
 
 def text_columns(table: pa.Table, columns: list[str], step: str) -> list[pa.ChunkedArray]:
-    """The named columns as strings; a missing or non-text column is a clear error."""
+    """The named columns as strings; a missing or non-text column is a clear error.
+
+    On conversation rows (conversations.py) `instruction` reads every user turn and `output`
+    every assistant turn, joined by newlines, and `messages` the whole conversation as
+    'role: text' lines: a step compares what the conversation says, not just its first
+    question and last answer."""
     require_columns(table, step, columns, "fix `steps[].columns`")
+    turns = _conversations(table)
     arrays = []
     for name in columns:
+        if name == MESSAGES and turns is not None:
+            arrays.append(pa.chunked_array([side_text(turns, None)]))
+            continue
         column = table[name]
+        if turns is not None and name in SIDES:
+            column = pa.chunked_array([pc.if_else(pc.is_valid(turns), side_text(
+                turns, SIDES[name]), column.cast(pa.string()).combine_chunks())])
         if pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
             column = column.cast(pa.string())
         if not pa.types.is_string(column.type):
@@ -31,6 +44,15 @@ def text_columns(table: pa.Table, columns: list[str], step: str) -> list[pa.Chun
             )
         arrays.append(column)
     return arrays
+
+
+def _conversations(table: pa.Table) -> pa.ChunkedArray | None:
+    """The table's `messages` column when it holds conversations (a block of single-turn rows
+    has none, or an all-null one)."""
+    if MESSAGES not in table.column_names:
+        return None
+    column = table[MESSAGES]
+    return column if pa.types.is_list(column.type) else None
 
 
 def fold(text: pa.ChunkedArray | pa.Array,
