@@ -3,13 +3,14 @@
 Each input file is one read task (the unit of work resume builds on), read in record batches.
 Normalizing renames the user's columns to the canonical ones, checks their types, gives every
 row an id and rejects rows that cannot be processed (missing instruction, too long, text that is
-not UTF-8). A JSONL line that is not valid UTF-8 becomes a rejected row (`unreadable_line`), so
-one bad line does not fail its file; a file that cannot be parsed at all is an InputDataError.
+not UTF-8, a conversation that is not one). A JSONL line that is not valid UTF-8 becomes a
+rejected row (`unreadable_line`), so one bad line does not fail its file; a file that cannot be
+parsed at all is an InputDataError. A Hugging Face datasets folder gives one shard per .arrow
+file (io/hf_folders.py); a conversation column becomes `messages` (io/conversation_input.py).
 """
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +18,19 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from augment_ray.config.io import InputSpec
+from augment_ray.conversations import MESSAGES, conversation_array
 from augment_ray.errors import InputDataError, StorageError
+from augment_ray.io.conversation_input import (
+    ConversationColumn,
+    check_no_text_columns,
+    conversation_column,
+    parse_conversations,
+)
+from augment_ray.io.hf_folders import hf_shard_paths, read_arrow_stream
+from augment_ray.io.jsonl import UnreadableLine, read_jsonl
 from augment_ray.rows import (
     CANONICAL_TEXT,
     ID,
@@ -58,12 +67,28 @@ class InputShard:
 def list_input_shards(spec: InputSpec) -> list[InputShard]:
     """Every input file under the URI, sorted, so the same input always gives the same shards.
     Names starting with _ or . (markers, temp files) are skipped; with format: auto, so are
-    files whose extension is not .parquet, .jsonl, .json or .ndjson."""
+    files whose extension is not .parquet, .jsonl, .json or .ndjson. A Hugging Face datasets
+    folder (format: hf, or auto and the folder holds state.json or dataset_dict.json) gives
+    its .arrow files."""
     loc = location(spec.uri, spec.storage)
     try:
         info = loc.file_info()
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"Input {spec.uri} does not exist.")
+        if info.type == pafs.FileType.Directory and spec.format in ("auto", "hf"):
+            paths = hf_shard_paths(loc, spec.split)
+            if paths is not None:
+                return [InputShard(path, "hf") for path in paths]
+            if spec.format == "hf":
+                raise InputDataError(
+                    f"Input {spec.uri} is not a Hugging Face datasets folder: it holds neither "
+                    "state.json nor dataset_dict.json (what save_to_disk writes)."
+                )
+        if spec.split is not None:
+            raise InputDataError(
+                f"input.split is set but {spec.uri} is not a Hugging Face DatasetDict folder; "
+                "drop input.split."
+            )
         if info.type == pafs.FileType.File:
             fmt = file_format(info.base_name, spec.format)
             if fmt is None:
@@ -84,7 +109,7 @@ def list_input_shards(spec: InputSpec) -> list[InputShard]:
         if fmt is not None:
             shards.append(InputShard(item.path, fmt))
     if not shards:
-        wanted = spec.format if spec.format != "auto" else "parquet or jsonl"
+        wanted = {"auto": "parquet or jsonl", "hf": ".arrow"}.get(spec.format, spec.format)
         raise InputDataError(f"Input {spec.uri} holds no {wanted} files.")
     return sorted(shards, key=lambda shard: shard.path)
 
@@ -96,15 +121,6 @@ def shard_name(loc: Location, path: str) -> str:
     return path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
 
 
-@dataclass(frozen=True)
-class UnreadableLine:
-    """A JSONL line that is not valid UTF-8: it becomes a rejected row, not a failed file."""
-
-    number: int  # 1-based line number in the file
-    raw: bytes
-    problem: str
-
-
 def read_shard_parts(loc: Location, shard: InputShard) -> Iterator[pa.Table | list[UnreadableLine]]:
     """The shard's rows in record batches, then (JSONL only) its unreadable lines, if any."""
     try:
@@ -114,8 +130,10 @@ def read_shard_parts(loc: Location, shard: InputShard) -> Iterator[pa.Table | li
                 yield parquet.schema_arrow.empty_table()
             for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
                 yield pa.Table.from_batches([batch])
+        elif shard.format == "hf":
+            yield from read_arrow_stream(loc, shard.path, READ_BATCH_ROWS)
         else:
-            table, unreadable = _read_jsonl(loc, shard)
+            table, unreadable = read_jsonl(loc, shard.path)
             if table is not None and table.num_columns:  # blank lines only: no rows
                 yield from (table.slice(i, READ_BATCH_ROWS)
                             for i in range(0, len(table), READ_BATCH_ROWS))
@@ -133,45 +151,6 @@ def read_shard_batches(loc: Location, shard: InputShard) -> Iterator[pa.Table]:
     for part in read_shard_parts(loc, shard):
         if isinstance(part, pa.Table):
             yield part
-
-
-def _read_jsonl(loc: Location, shard: InputShard) -> tuple[pa.Table | None,
-                                                          list[UnreadableLine]]:
-    """pyarrow's reader first (it does not check UTF-8 inside strings, so the table is checked
-    after); only when that fails is the file read line by line: lines that are not UTF-8 are set
-    aside and the others parsed again. A JSON error in a UTF-8 line still fails the file."""
-    try:
-        with loc.fs.open_input_stream(shard.path) as stream:
-            table = pajson.read_json(stream)
-        table.validate(full=True)  # raises ArrowInvalid on strings that are not UTF-8
-        return table, []
-    except (pa.ArrowInvalid, UnicodeDecodeError):
-        with loc.fs.open_input_stream(shard.path) as stream:
-            data = stream.read()
-        if not data or data.isspace():  # an empty file: no rows (pyarrow calls it an error)
-            return None, []
-        good, unreadable = _split_utf8_lines(data)
-        if not unreadable:
-            raise
-    table = pajson.read_json(io.BytesIO(b"\n".join(good))) if good else None
-    return table, unreadable
-
-
-def _split_utf8_lines(data: bytes) -> tuple[list[bytes], list[UnreadableLine]]:
-    good: list[bytes] = []
-    unreadable: list[UnreadableLine] = []
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            unreadable.append(UnreadableLine(
-                number, line, f"{error.reason} at byte {error.start + 1} of the line"
-            ))
-        else:
-            good.append(line)
-    return good, unreadable
 
 
 def _display(loc: Location, path: str) -> str:
@@ -230,10 +209,16 @@ class ShardNormalizer:
         self.mapping = {canonical: getattr(columns, canonical) for canonical in CANONICAL_TEXT}
         self.explicit = columns.model_fields_set
 
-    def check_schema(self, schema: pa.Schema, where: str) -> None:
+    def check_schema(self, schema: pa.Schema, where: str) -> ConversationColumn | None:
+        """Raises InputDataError for columns that do not fit input.columns; returns the
+        conversation column, if the input has one."""
         names = set(schema.names)
+        conversation = conversation_column(schema, self.spec.columns, where)
+        if conversation is not None:
+            check_no_text_columns(schema, self.mapping, conversation, where)
         for canonical, source in self.mapping.items():
-            required = canonical == "instruction" or canonical in self.explicit
+            required = conversation is None and (canonical == "instruction"
+                                                 or canonical in self.explicit)
             if source is not None and source not in names and required:
                 raise InputDataError(
                     f"Input {where} has no column {source!r} (mapped to {canonical} by "
@@ -247,16 +232,18 @@ class ShardNormalizer:
             )
         mapped = {source for source in self.mapping.values() if source in names}
         mapped.add(id_column or "")
+        mapped.add(conversation.source if conversation else "")
         for name in names - mapped:
-            if name in RESERVED or name in CANONICAL_TEXT:
+            if name in RESERVED or name in CANONICAL_TEXT or name == MESSAGES:
                 raise InputDataError(
                     f"Input {where} has a column {name!r}, a name the pipeline uses itself; "
                     f"map it in input.columns or rename it."
                 )
+        return conversation
 
     def normalize(self, table: pa.Table, where: str, seen: Counter[str],
                   shard: str = "") -> pa.Table:
-        self.check_schema(table.schema, where)
+        conversation = self.check_schema(table.schema, where)
         texts: dict[str, pa.ChunkedArray] = {}
         not_utf8: dict[int, str] = {}  # row -> reject detail
         for canonical, source in self.mapping.items():
@@ -269,10 +256,24 @@ class ShardNormalizer:
             else:
                 texts[canonical] = pa.chunked_array([pa.nulls(len(table), pa.string())])
         consumed = {s for s in self.mapping.values() if s in table.column_names}
+        extra: dict[str, pa.Array] = {}  # the messages column, after the text columns
+        failures: dict[int, tuple[str, str]] = {}  # row -> bad conversation's reason, detail
+        turn_ids: list[list[str]] = []
+        conversation_lengths: pa.Array | None = None
+        if conversation is not None:
+            parsed = parse_conversations(table, conversation)
+            texts["instruction"] = pa.chunked_array([parsed.instructions])
+            texts["output"] = pa.chunked_array([parsed.outputs])
+            extra[MESSAGES] = conversation_array(parsed.turns)
+            failures = parsed.failures
+            consumed.add(conversation.source)
+            turn_ids = [parsed.id_values]  # conversations may differ past the first turn
+            conversation_lengths = pa.array(parsed.lengths, pa.int64())
+        id_values = [texts[c].to_pylist() for c in CANONICAL_TEXT] + turn_ids
         id_source = self.spec.columns.id
         if id_source not in table.column_names:
             id_source = None
-        generated = content_ids([texts[c].to_pylist() for c in CANONICAL_TEXT], seen, shard)
+        generated = content_ids(id_values, seen, shard)
         if id_source is not None:
             given = _id_strings(table[id_source], id_source, where).to_pylist()
             consumed.add(id_source)
@@ -287,7 +288,7 @@ class ShardNormalizer:
             pc.add(pc.fill_null(pc.utf8_length(instruction), 0),
                    pc.fill_null(pc.utf8_length(texts["input"]), 0)),
             pc.fill_null(pc.utf8_length(texts["output"]), 0),
-        )
+        ) if conversation_lengths is None else conversation_lengths
         too_long = pc.greater(lengths, self.spec.max_row_chars)
         reasons: list[str | None] = []
         details: list[str | None] = []
@@ -297,6 +298,9 @@ class ShardNormalizer:
             if row in not_utf8:
                 reasons.append("invalid_utf8")
                 details.append(not_utf8[row])
+            elif row in failures:
+                reasons.append(failures[row][0])
+                details.append(failures[row][1])
             elif is_missing:
                 reasons.append("missing_instruction")
                 details.append("instruction is null or empty")
@@ -311,6 +315,7 @@ class ShardNormalizer:
         columns = {
             ID: pa.array(ids, pa.string()),
             **texts,
+            **extra,
             **{name: rest[name] for name in rest.column_names},
             SOURCE_ID: pa.array(ids, pa.string()),
             ORIGIN_STEP: pa.array([INPUT_STEP] * len(table), pa.string()),
