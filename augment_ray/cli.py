@@ -311,23 +311,33 @@ def summary(output_uri: str) -> None:
     click.echo(format_summary(payload))
 
 
+def _export_formats() -> dict[str, str]:
+    """--format's choices and what reads each, from the one registry (export.FORMATS)."""
+    from augment_ray.export import FORMATS
+
+    return {name: fmt.reader for name, fmt in FORMATS.items()}
+
+
 @main.command()
 @click.argument("output_uri")
-@click.option("--format", "fmt", required=True,
-              type=click.Choice(["alpaca", "sharegpt", "openai-messages"]),
-              help="alpaca / sharegpt: LLaMA-Factory; openai-messages: TRL SFTTrainer, OpenAI.")
-@click.option("--to", "to", required=True, type=click.Path(dir_okay=False),
-              help="Local JSONL file to write (parent folders are created).")
+@click.option("--format", "fmt", required=True, type=click.Choice(list(_export_formats())),
+              help="; ".join(f"{name}: {reader}" for name, reader in _export_formats().items())
+              + ".")
+@click.option("--to", "to", required=True, type=click.Path(),
+              help="Local JSONL file to write (parent folders are created); for hf, the folder.")
 @click.option("--system", default=None, metavar="TEXT",
-              help="Add this system prompt to every example.")
-@click.option("--instruction-column", default="instruction", show_default=True, metavar="NAME",
-              help="Column holding the instruction, e.g. refined_instruction after a refine step.")
+              help="System prompt for every example that has none of its own.")
+@click.option("--instruction-column", default=None, metavar="NAME",
+              help="Column holding the instruction (default: instruction), e.g. "
+              "refined_instruction after a refine step; it also replaces a conversation's first "
+              "user turn.")
 @click.option("--force", is_flag=True, help="Overwrite --to if it exists.")
-def export(output_uri: str, fmt: str, to: str, system: str | None, instruction_column: str,
-           force: bool) -> None:
+def export(output_uri: str, fmt: str, to: str, system: str | None,
+           instruction_column: str | None, force: bool) -> None:
     """Write the finished run at OUTPUT_URI (a local path, or s3:// with the default AWS
-    endpoint and credential chain) as JSONL training examples. Only data/ is exported (never
-    _rejects/); rows without a response are skipped."""
+    endpoint and credential chain) as training examples: JSONL, or a Hugging Face datasets
+    folder (hf). Single-turn rows and conversations (a messages column) alike. Only data/ is
+    exported (never _rejects/); rows without a response are skipped."""
     from pathlib import Path
 
     from augment_ray.export import export as export_run
@@ -342,6 +352,9 @@ def export(output_uri: str, fmt: str, to: str, system: str | None, instruction_c
             f"{stats.skipped_no_response} rows without a response")
     if stats.skipped_no_instruction:
         line += f" and {stats.skipped_no_instruction} without an instruction"
+    if stats.skipped_bad_conversation:
+        line += (f" and {stats.skipped_bad_conversation} conversations whose turns are out of "
+                 "order or empty")
     click.echo(line)
 
 

@@ -1,7 +1,8 @@
 """`augment-ray export`: a fake committed output (two shards, null input, a null output, Chinese
-text, a refined_instruction column) exported in every format through the real CLI, each line's
-schema checked exactly, and every file read back with Hugging Face `datasets` as the
-fine-tuning frameworks read it. No Ray, no model."""
+text, a refined_instruction column) exported in every JSONL format through the real CLI, each
+line's schema checked exactly, and every file read back with Hugging Face `datasets` as the
+fine-tuning frameworks read it. Conversations and `--format hf`: test_export_conversations.py.
+No Ray, no model."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ ROWS = [row for rows in SHARDS.values() for row in rows]
 EXPORTED = [row for row in ROWS if row["output"]]  # a3 (null) and b3 ("") have no response
 SCHEMA = pa.schema([(name, pa.string()) for name in ROWS[0]])
 SYSTEM = "You are a helpful assistant. 请用中文或英文回答。"
+JSONL_FORMATS = [name for name, fmt in FORMATS.items() if not fmt.folder]
 
 
 @pytest.fixture
@@ -86,6 +88,10 @@ def expected(fmt: str, row: dict, system: str | None, column: str = "instruction
         head = [] if system is None else [{"from": "system", "value": system}]
         return {"conversations": [*head, {"from": "human", "value": prompt(row, column)},
                                   {"from": "gpt", "value": row["output"]}]}
+    if fmt == "llama-factory":
+        return {"conversations": [{"from": "human", "value": prompt(row, column)},
+                                  {"from": "gpt", "value": row["output"]}],
+                "system": system or ""}
     head = [] if system is None else [{"role": "system", "content": system}]
     return {"messages": [*head, {"role": "user", "content": prompt(row, column)},
                          {"role": "assistant", "content": row["output"]}]}
@@ -97,6 +103,11 @@ def check_schema(fmt: str, record: dict, system: bool) -> None:
         assert list(record) == keys
         assert all(isinstance(record[key], str) for key in keys)
         assert record["instruction"] and record["output"]
+        return
+    if fmt == "llama-factory":
+        assert list(record) == ["conversations", "system"]
+        assert [turn["from"] for turn in record["conversations"]] == ["human", "gpt"]
+        assert isinstance(record["system"], str) and bool(record["system"]) == system
         return
     key, tag, text, tags = (
         ("conversations", "from", "value", ["system", "human", "gpt"]) if fmt == "sharegpt"
@@ -129,7 +140,7 @@ def load_with_datasets(path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize("with_system", [False, True], ids=["plain", "system"])
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", JSONL_FORMATS)
 def test_export_formats(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                         fmt: str, with_system: bool) -> None:
     out = tmp_path / "exports" / f"{fmt}.jsonl"  # parent folder does not exist yet
@@ -154,7 +165,8 @@ def test_export_formats(run_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
     dataset = load_with_datasets(out, tmp_path / "hf-cache", monkeypatch)
     assert dataset.num_rows == len(EXPORTED)
     columns = {"alpaca": ["instruction", "input", "output", *(["system"] if with_system else [])],
-               "sharegpt": ["conversations"], "openai-messages": ["messages"]}[fmt]
+               "sharegpt": ["conversations"], "llama-factory": ["conversations", "system"],
+               "openai-messages": ["messages"]}[fmt]
     assert dataset.column_names == columns
     assert dataset[1] == records[1]  # the Chinese example survives the round trip
 
@@ -223,3 +235,11 @@ def test_cli_choices_match_formats() -> None:
     option = next(param for param in command.params if param.name == "fmt")
     assert isinstance(option.type, click.Choice)
     assert list(option.type.choices) == list(FORMATS)
+
+
+def test_docs_list_every_format() -> None:
+    """docs/OUTPUT.md's format table names exactly the registry's formats, in its order."""
+    text = (Path(__file__).parents[1] / "docs/OUTPUT.md").read_text(encoding="utf-8")
+    section = text.split("## Exporting for fine-tuning frameworks", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert rows == ["--format", *FORMATS]  # the header, then one row per format
