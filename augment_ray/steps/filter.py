@@ -11,7 +11,9 @@ from pydantic import Field, field_validator, model_validator
 
 from augment_ray.config.io import InputSpec
 from augment_ray.config.steps import StepSpec
+from augment_ray.conversations import SIDES
 from augment_ray.curate.filters import enabled_rules, filter_table
+from augment_ray.io.conversation_input import conversation_column
 from augment_ray.io.read import list_input_shards, read_shard_batches
 from augment_ray.kinds import step_kind, step_kinds
 from augment_ray.steps.base import Step
@@ -23,15 +25,16 @@ log = logging.getLogger(__name__)
 
 def input_has_column(spec: InputSpec, canonical: str) -> bool:
     """Whether the first input file has the column mapped to `canonical` (the reader adds every
-    canonical column, null-filled, so the rows alone cannot tell). Decided from the first file,
-    as the reader's own column check is."""
+    canonical column, null-filled, so the rows alone cannot tell); a conversation has an
+    instruction and an output (its turns). Decided from the first file, as the reader's own
+    column check is."""
     source = getattr(spec.columns, canonical)
-    if source is None:
-        return False
     shard = list_input_shards(spec)[0]
     for table in read_shard_batches(location(spec.uri, spec.storage), shard):
-        return source in table.column_names
-    return True  # an empty first file tells nothing: keep the rules on
+        if conversation_column(table.schema, spec.columns, shard.path) is not None:
+            return canonical in SIDES  # a conversation's user and assistant turns
+        return source is not None and source in table.column_names
+    return source is not None  # an empty first file tells nothing: keep the rules on
 
 
 def _filter_batch(batch: pa.Table, spec: FilterStepSpec, step: str,
