@@ -7,6 +7,9 @@ Round r (0-based), with train_0 = the seeds:
   4. generate the teacher writes `per_wrong` new examples per wrong seed, validated per task
   5. dedup    new examples nearly equal to any row so far are rejected; the rest are merged:
               train_{r+1} = train_r + accepted
+A conversation seed (a `messages` column) is asked its last answered user turn, given the turns
+before it, and graded against its last assistant turn (`output`); it stays a conversation in
+the training sets.
 Layout under the output URI:
   _loop.json                      job digest: a rerun with another job is refused
   round=NN/train/part-00000.parquet        the training set of round NN (before training)
@@ -36,6 +39,7 @@ import ray.data
 
 from augment_ray.config.base import EngineSpec
 from augment_ray.config.io import InputSpec
+from augment_ray.conversations import CONVERSATION_TYPE, MESSAGES
 from augment_ray.errors import AugmentRayError, StorageError
 from augment_ray.io.committed import SUCCESS, has_marker, read_json, spec_digest
 from augment_ray.io.read import list_input_shards
@@ -161,13 +165,17 @@ def read_input(spec: InputSpec) -> tuple[pa.Table, pa.Table]:
 
 
 def as_train(table: pa.Table) -> pa.Table:
+    """`table` in the training set's columns, and a conversation seed's turns (`messages`)
+    where the seeds have them: without them its instruction and output are not a pair."""
+    schema = TRAIN_SCHEMA if MESSAGES not in table.column_names else \
+        TRAIN_SCHEMA.append(pa.field(MESSAGES, CONVERSATION_TYPE))
     columns = {}
-    for field in TRAIN_SCHEMA:
+    for field in schema:
         if field.name in table.column_names:
             columns[field.name] = table[field.name].cast(field.type)
         else:
             columns[field.name] = pa.nulls(len(table), field.type)
-    return pa.table(columns, schema=TRAIN_SCHEMA)
+    return pa.table(columns, schema=schema)
 
 
 class Loop:

@@ -2,7 +2,9 @@
 response from `engine`; `judge` gives the confidence that the candidate is better than the
 original (P(Yes) of a comparison prompt, asked in both orders by default); the candidate
 replaces the response only when that confidence is >= eta. Otherwise the row is rejected
-(not_corrected) with both texts kept. Rows at or above the threshold pass unchanged.
+(not_corrected) with both texts kept. Rows at or above the threshold pass unchanged. A
+conversation's response is its last assistant turn (`output`), rewritten and compared given
+the turns before it; export puts a corrected `output` back into that turn.
 
 Two phases: candidate (writer engine) then compare (judge engine). With one engine for both,
 one actor pool runs both phases on one model copy; with two, each has its own pool.
@@ -130,8 +132,8 @@ class CorrectRunner(EngineActor):
         for index, alive in enumerate(live):
             if alive and index not in missing:
                 columns[f"{self.step}_corrected"][index] = False
-        prompts = [judge.answer_prompt(judge.judged_text(rows[i], spec.instruction_column))
-                   for i in wanted]
+        # a conversation's candidate answers its last answered user turn, given the turns before
+        prompts = [judge.answer_messages(rows[i], spec.instruction_column) for i in wanted]
         results = generate_grouped(self.engine, [(p, self.sampling) for p in prompts])
         for index, result in zip(wanted, results, strict=True):
             columns[f"{self.step}_model"][index] = self.engine.model_name

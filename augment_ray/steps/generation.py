@@ -1,10 +1,12 @@
 """What both ways of running an LLM task share (our engine pool: steps/llm.py; ray.data.llm:
 steps/ray_data_llm.py): the prompts of a batch's live rows, the parse of each answer with its
-retries' sampling, and the output rows with their lineage columns.
+retries' sampling, the turns of a multi-turn task, and the output rows with their lineage
+columns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Mapping
@@ -15,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from augment_ray.config.base import SamplingParams
+from augment_ray.conversations import CONVERSATION_TYPE, MESSAGES, row_conversation
 from augment_ray.engines.base import Completion, GenerationFailure, Messages
 from augment_ray.rows import (
     ID,
@@ -66,16 +69,39 @@ class RunOptions:
 
 @dataclass
 class Generation:
-    """One prompt of one row, and what became of it."""
+    """One prompt of one row, and what became of it. A multi-turn task's row keeps one
+    Generation through its turns: `messages` is the current turn's prompt."""
 
     row: int
     index: int  # k-th prompt of the row (expand asks n times)
     messages: Messages
     attempts: int = 0
     completion: Completion | None = None
-    values: dict[str, str] | None = None
+    values: dict[str, Any] | None = None
     failure: tuple[str, str] | None = None
     checked: bool = False  # its values passed the task's checks
+    turn: int = 0  # the user turn of a conversation being answered (from 1); 0: one prompt
+    follow: Messages | None = None  # the next turn's prompt, once this turn's answer parsed
+    earlier: list[Completion] = dataclasses.field(default_factory=list)  # earlier turns'
+    most_attempts: int = 0  # of the earlier turns
+
+    def advance(self) -> None:
+        """On to the next turn (its prompt in `follow`)."""
+        assert self.completion is not None and self.follow is not None
+        self.earlier.append(self.completion)
+        self.most_attempts = max(self.most_attempts, self.attempts)
+        self.messages, self.follow, self.turn = self.follow, None, self.turn + 1
+        self.attempts, self.completion, self.values, self.checked = 0, None, None, False
+
+    @property
+    def answers(self) -> list[Completion]:
+        return [*self.earlier, *([self.completion] if self.completion else [])]
+
+    def reject_reason(self) -> tuple[str, str]:
+        """`failure`, its detail naming the turn of a conversation that failed."""
+        assert self.failure is not None
+        reason, detail = self.failure
+        return (reason, f"user turn {self.turn}: {detail}") if self.turn else (reason, detail)
 
 
 class GenerationRows:
@@ -105,7 +131,9 @@ class GenerationRows:
 
     def parse(self, row: dict, generation: Generation, result: Completion | GenerationFailure,
               reject_truncated: bool) -> bool:
-        """Record `result` on `generation`; True when the answer could not be parsed."""
+        """Record `result` on `generation`; True when the answer could not be parsed. A
+        multi-turn task's answer also gives the prompt of the row's next turn."""
+        generation.follow = None
         if isinstance(result, GenerationFailure):
             generation.failure = (result.reason, result.detail)
             return False
@@ -114,8 +142,10 @@ class GenerationRows:
             generation.failure = ("truncated", result.text[:500])
             return False
         try:
-            generation.values = self.task.parse(row, result.text)
-            generation.failure = None
+            values = self.task.parse(row, result.text)
+            if hasattr(self.task, "follow_up"):
+                values, generation.follow = self.task.follow_up(row, generation.messages, values)
+            generation.values, generation.failure = values, None
         except ParseFailure as failure:
             generation.failure = (failure.reason, failure.detail or result.text[:500])
             return True
@@ -150,39 +180,63 @@ class GenerationRows:
                 failed.append(generation)
         return failed
 
+    def next_turns(self, generations: list[Generation]) -> list[Generation]:
+        """The generations whose accepted answer opened another turn, moved on to it."""
+        moving = [g for g in generations
+                  if g.follow is not None and g.failure is None and g.values is not None]
+        for generation in moving:
+            generation.advance()
+        return moving
+
     def lineage(self, generation: Generation) -> dict[str, Any]:
+        """A conversation's tokens are summed over its turns; its attempts are the most any
+        turn took."""
         completion = generation.completion
+        answers = generation.answers
+        attempts = max(generation.attempts, generation.most_attempts)
         return {
             f"{self.step}_engine": self.engine_name,
             f"{self.step}_model": self.model_name,
             f"{self.step}_template": self.task.template_version,
-            f"{self.step}_sampling": self._sampling_json(generation.attempts - 1),
-            f"{self.step}_prompt_tokens": completion.prompt_tokens if completion else None,
-            f"{self.step}_completion_tokens": completion.completion_tokens if completion else None,
+            f"{self.step}_sampling": self._sampling_json(attempts - 1),
+            f"{self.step}_prompt_tokens": sum(a.prompt_tokens for a in answers)
+            if answers else None,
+            f"{self.step}_completion_tokens": sum(a.completion_tokens for a in answers)
+            if answers else None,
             f"{self.step}_finish_reason": completion.finish_reason if completion else None,
-            f"{self.step}_attempts": generation.attempts,
+            f"{self.step}_attempts": attempts,
         }
+
+    def column_kinds(self, table: pa.Table) -> dict[str, pa.DataType]:
+        """The task's columns on `table` and their types: text columns are strings; a
+        multi-turn task's conversation columns are CONVERSATION_TYPE, written only where the
+        rows carry conversations (a `messages` column)."""
+        kinds = dict.fromkeys(self.task.output_columns, pa.string())
+        if MESSAGES in table.column_names:
+            kinds.update(dict.fromkeys(getattr(self.task, "conversation_columns", ()),
+                                       CONVERSATION_TYPE))
+        return {**kinds, **lineage_columns(self.step)}
 
     def annotated(self, table: pa.Table, generations: list[Generation],
                   unpromptable: dict[int, tuple[str, str]]) -> pa.Table:
         """`table` with the task's columns filled from each row's generation."""
         n = len(table)
+        kinds = self.column_kinds(table)
         # rows the step did not answer keep what they had (a response it did not replace)
         columns: dict[str, list[Any]] = {
             name: table[name].to_pylist() if name in table.column_names else [None] * n
-            for name in [*self.task.output_columns, *lineage_columns(self.step)]
+            for name in kinds
         }
         failures = dict(unpromptable)
         for generation in generations:
             for name, value in self.lineage(generation).items():
                 columns[name][generation.row] = value
             if generation.failure:
-                failures[generation.row] = generation.failure
+                failures[generation.row] = generation.reject_reason()
             else:
                 for name, value in (generation.values or {}).items():
-                    columns[name][generation.row] = value
-        kinds = {**dict.fromkeys(self.task.output_columns, pa.string()),
-                 **lineage_columns(self.step)}
+                    if name in columns:
+                        columns[name][generation.row] = value
         for name, values in columns.items():
             table = set_column(table, name, pa.array(values, kinds[name]))
         return reject_rows(table, self.step, failures)
@@ -259,7 +313,9 @@ def _prompt_rows(task: LLMTask, rows: dict[int, dict]
         except Exception as error:  # a prompt bug rejects the row, not the run
             unpromptable[index] = ("prompt_error", f"{type(error).__name__}: {error}"[:500])
             continue
-        generations += [Generation(index, k, m) for k, m in enumerate(prompts)]
+        # a conversation's turns are answered in rounds, the first now
+        turn = 1 if hasattr(task, "follow_up") and row_conversation(row) is not None else 0
+        generations += [Generation(index, k, m, turn=turn) for k, m in enumerate(prompts)]
     return generations, unpromptable
 
 

@@ -3,7 +3,9 @@
 Two shapes of task: an annotating task (refine, respond) fills columns of the row it was given;
 a generating task (expand) turns each of its prompts into a new row that links to its seed.
 Answers that cannot be parsed are generated again (up to `max_retries`, sampling with a new
-seed); what still fails is rejected with the raw text, never dropped.
+seed); what still fails is rejected with the raw text, never dropped. A multi-turn task
+(respond on a conversation) runs in rounds: every row's next turn, once its answer to the turn
+before is in, with retries and checks per round.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import pyarrow as pa
 import ray.data
 
 from augment_ray.config.base import EngineSpec, SamplingParams
+from augment_ray.conversations import MESSAGES
 from augment_ray.engines.base import describe_engine
 from augment_ray.engines.embedding_engine import EmbeddingEngineSpec
 from augment_ray.errors import JobSpecError
 from augment_ray.io.journal import GenerationJournal
+from augment_ray.io.read import check_first_shard, list_input_shards
 from augment_ray.progress import CallProgress, input_rows
 from augment_ray.rows import CANONICAL_TEXT, reject_rows
 from augment_ray.steps.base import Step
@@ -44,6 +48,7 @@ from augment_ray.validate.checks import Embed
 from augment_ray.validate.embedder import process_embedder
 
 if TYPE_CHECKING:
+    from augment_ray.config.io import InputSpec
     from augment_ray.config.job import JobSpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,13 @@ class LLMTaskRunner(EngineActor):
 
     def _generate(self, rows: dict[int, dict], generations: list[Generation],
                   progress: CallProgress | None = None) -> None:
+        current = generations
+        while current:  # one round per turn; a single-turn task has one
+            self._answer(rows, current, progress)
+            current = self.out.next_turns(current)
+
+    def _answer(self, rows: dict[int, dict], generations: list[Generation],
+                progress: CallProgress | None) -> None:
         pending = generations
         for attempt in range(self.options.max_retries + 1):
             if not pending:
@@ -101,8 +113,7 @@ class LLMTaskRunner(EngineActor):
             raise
         log_generation(self.step, len(rows), generations, time.perf_counter() - started)
         if progress:  # its share of rows was provisional: the count after the step replaces it
-            progress.finished(sum(g.completion.completion_tokens for g in generations
-                                  if g.completion))
+            progress.finished(sum(a.completion_tokens for g in generations for a in g.answers))
         if not self.task.generates_rows:
             return self.out.annotated(table, generations, unpromptable)
         failures = dict(unpromptable)
@@ -113,7 +124,7 @@ class LLMTaskRunner(EngineActor):
 
 
 def log_generation(step: str, rows: int, generations: list[Generation], seconds: float) -> None:
-    tokens = sum(g.completion.completion_tokens for g in generations if g.completion)
+    tokens = sum(a.completion_tokens for g in generations for a in g.answers)
     log.info("%s: %d rows, %d generations, %d tokens in %.1fs (%.1f tok/s)", step, rows,
              len(generations), tokens, seconds, tokens / seconds if seconds else 0)
 
@@ -123,6 +134,9 @@ class LLMStep(Step):
     task (tasks/<kind>.py) with its spec, registered with @step_kind, and make_task()."""
 
     kind = "llm"
+    input_spec: InputSpec | None = None  # the job's input (from_spec)
+    # a multi-turn task on conversations: answered in rounds, in an engine pool (prepare)
+    in_rounds: bool = False
 
     def __init__(
         self, name: str, engine_name: str, engine_spec: EngineSpec, task: LLMTask,
@@ -157,7 +171,7 @@ class LLMStep(Step):
         task = cls.make_task(spec, job, sampling)
         checks = getattr(task, "checks", None)
         embedder = getattr(spec, "embedder", None)
-        return cls(
+        step = cls(
             name=spec.step_name,
             engine_name=spec.engine,
             engine_spec=engine,
@@ -172,6 +186,8 @@ class LLMStep(Step):
             embedder_spec=(job.engines[embedder] if embedder else EmbeddingEngineSpec())
             if checks is not None and checks.needs_embeddings else None,
         )
+        step.input_spec = job.input
+        return step
 
     def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         if self.runs_on_ray_data_llm:
@@ -192,16 +208,24 @@ class LLMStep(Step):
     @property
     def runs_on_ray_data_llm(self) -> bool:
         # a step sharing its engine's pool with others runs in that pool
-        return self.engine_spec.uses_ray_data_llm and not self.pool_shared_by
+        return self.engine_spec.uses_ray_data_llm and not self.pool_shared_by and \
+            not self.in_rounds
 
     def prepare(self) -> None:
         prepare_engine(self.engine_spec)
         if self.embedder_spec is not None:
             prepare_engine(self.embedder_spec)
+        if self.engine_spec.uses_ray_data_llm and hasattr(self.task, "follow_up") and \
+                self.input_spec is not None:
+            # the processor answers every request in one pass; a conversation's turn k+1 is
+            # asked only once turn k is answered
+            self.in_rounds = input_has_conversations(self.input_spec)
 
     def output_columns(self) -> list[str]:
-        # canonical columns (a new row's instruction, a response) are the step's to write
-        return [*(c for c in self.task.output_columns if c not in CANONICAL_TEXT),
+        # canonical columns (a new row's instruction, a response, a conversation's turns) are
+        # the step's to write
+        written = [*self.task.output_columns, *getattr(self.task, "conversation_columns", ())]
+        return [*(c for c in written if c not in (*CANONICAL_TEXT, MESSAGES)),
                 *lineage_columns(self.name, generates_rows=self.task.generates_rows)]
 
     def cpu_request(self) -> float:
@@ -219,6 +243,13 @@ class LLMStep(Step):
             **diversity_columns(self.task),
             **checks_summary(self.task, self.embedder_spec),
         }
+
+
+def input_has_conversations(spec: InputSpec) -> bool:
+    """Whether the input's rows carry a `messages` column (as the pipeline reads its first
+    shard, after the column mapping)."""
+    shards = list_input_shards(spec)
+    return bool(shards) and MESSAGES in check_first_shard(spec, shards[0])
 
 
 def checks_summary(task: LLMTask, embedder: EmbeddingEngineSpec | None) -> dict[str, Any]:

@@ -17,11 +17,15 @@ untouched. The row itself rides along packed in one struct column, whatever its 
 The processor answers each request once: an answer that cannot be parsed or fails the step's
 checks is rejected with its text (the engine-pool execution regenerates an unparsable one up to
 `max_retries` times instead). The checks' embedder loads once per worker process of the output
-stage.
+stage. A conversation's turns cannot be asked in one pass (each needs the answer before it): a
+multi-turn step on an input with conversations runs in an engine pool instead
+(LLMStep.prepare), and a conversation that reaches this path anyway is rejected, not half
+answered.
 """
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +33,7 @@ import pyarrow as pa
 import ray.data
 
 from augment_ray.config.base import SamplingParams
+from augment_ray.conversations import row_conversation
 from augment_ray.engines.base import (
     Completion,
     GenerationFailure,
@@ -174,6 +179,7 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str,
     completion_tokens = _column(table, "num_generated_tokens")
     errors = _column(table, ERROR)
     keys = _column(table, KEY)
+    prompts = _column(table, MESSAGES)
     row_dicts = rows.to_pylist()
     known = journal.answers() if journal is not None else {}
     fresh: list[tuple[str, Completion]] = []
@@ -185,7 +191,9 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str,
             failures[index] = (reasons[index], details[index] or "")
         if role not in ("request", "cached"):
             continue
-        generation = Generation(index, gens[index], [], attempts=1)
+        # a conversation's answer is read with its prompt (the turns it answers)
+        prompt = json.loads(prompts[index]) if row_conversation(row_dicts[index]) else []
+        generation = Generation(index, gens[index], prompt, attempts=1)
         error = errors[index]
         if role == "cached":
             result = known[keys[index]]
@@ -206,6 +214,12 @@ def output_rows(table: pa.Table, step: LLMStep, model_name: str,
         generations.append(generation)
     out.check(row_dicts, generations,
               process_embedder(step.embedder_spec) if step.embedder_spec else None)
+    for generation in generations:
+        if generation.follow is not None and generation.failure is None:
+            generation.values, generation.failure = None, (
+                "needs_rounds", "a conversation's later turns need the answers before them: "
+                "ray.data.llm answers one prompt per row (the step runs in an engine pool when "
+                "the input's first file has a `messages` column)")
     if journal is not None and fresh:
         journal.record([key for key, _ in fresh], [result for _, result in fresh])
 

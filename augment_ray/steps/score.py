@@ -22,6 +22,7 @@ from augment_ray.config.base import (
     SamplingParams,
 )
 from augment_ray.config.steps import EngineStepSpec
+from augment_ray.conversations import MESSAGES, last_assistant
 from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
 from augment_ray.engines.base import Completion
 from augment_ray.io.journal import GenerationJournal
@@ -149,8 +150,8 @@ class ScoreRunner(EngineActor):
         ]
         self.template = "+".join(judge.JUDGE_TEMPLATES[m] for m in spec.methods)
 
-    def _first_round(self, questions: dict[int, str], responses: dict[int, str]
-                     ) -> list[tuple[int, str, Messages, SamplingParams]]:
+    def _first_round(self, questions: dict[int, str], responses: dict[int, str],
+                     asks: dict[int, Messages]) -> list[tuple[int, str, Messages, SamplingParams]]:
         requests = []
         methods = self.spec.methods
         for index, question in questions.items():
@@ -165,7 +166,7 @@ class ScoreRunner(EngineActor):
                 requests.append((index, "rubric", judge.rubric_prompt(question, answer),
                                  self.rubric_sampling))
             if "consistency" in methods:
-                prompt = judge.answer_prompt(question)
+                prompt = asks.get(index) or judge.answer_prompt(question)
                 requests += [(index, "consistency", prompt, sampling)
                              for sampling in self.consistency_sampling]
         return requests
@@ -176,9 +177,12 @@ class ScoreRunner(EngineActor):
         return judge.reflection_choice(result.text) or \
             judge.reflection_choice_from_logprobs(result.logprobs)
 
-    def score(self, questions: dict[int, str], responses: dict[int, str]) -> dict[int, RowScore]:
+    def score(self, questions: dict[int, str], responses: dict[int, str],
+              asks: dict[int, Messages] | None = None) -> dict[int, RowScore]:
+        """`asks`: the prompt that answers a row's question, where not answer_prompt's (a
+        conversation's turns)."""
         scores = {index: RowScore() for index in questions}
-        requests = self._first_round(questions, responses)
+        requests = self._first_round(questions, responses, asks or {})
         results = generate_grouped(self.engine, [(m, s) for _, _, m, s in requests])
         similarities: dict[int, list[float]] = {index: [] for index in questions}
         followups = []
@@ -240,19 +244,23 @@ class ScoreRunner(EngineActor):
         require_columns(table, self.step, [spec.instruction_column, spec.response_column])
         live = live_mask(table).to_pylist()
         rows = table.to_pylist()
-        questions, responses, failures = {}, {}, {}
+        questions, responses, asks, failures = {}, {}, {}, {}
         for index, (row, alive) in enumerate(zip(rows, live, strict=True)):
             if not alive:
                 continue
             response = row.get(spec.response_column)
             if response is None or not str(response).strip():
-                failures[index] = ("missing_response", f"{spec.response_column} is empty")
+                unanswered = row.get(MESSAGES) and last_assistant(row[MESSAGES]) is None
+                failures[index] = ("missing_response", f"{spec.response_column} is empty" + (
+                    ": the conversation has no assistant turn" if unanswered else ""))
                 continue
+            # a conversation's last answer is judged, given the turns before it
             questions[index] = judge.judged_text(row, spec.instruction_column)
+            asks[index] = judge.answer_messages(row, spec.instruction_column)
             responses[index] = str(response)
 
         started = time.perf_counter()
-        scores = self.score(questions, responses) if questions else {}
+        scores = self.score(questions, responses, asks) if questions else {}
         log.info("%s: scored %d rows in %.1fs", self.step, len(scores),
                  time.perf_counter() - started)
 

@@ -8,6 +8,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Protocol
 
+from augment_ray.conversations import exchanges, row_conversation
 from augment_ray.curate.words import han_share
 from augment_ray.engines.base import Messages
 
@@ -37,6 +38,21 @@ class LLMTask(Protocol):
         ...
 
 
+class MultiTurnTask(LLMTask, Protocol):
+    """A task that answers a conversation row turn by turn (respond): the runner generates in
+    rounds, each turn's prompt built from the answers to the turns before it. Columns in
+    `conversation_columns` hold conversations (CONVERSATION_TYPE) and are written only where
+    the rows carry a `messages` column."""
+
+    conversation_columns: tuple[str, ...]
+
+    def follow_up(self, row: Row, prompt: Messages, values: dict[str, Any]
+                  ) -> tuple[dict[str, Any], Messages | None]:
+        """After `values` were parsed from the answer to `prompt`: the row's values as of this
+        turn, and the next turn's prompt (None: the row is done)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Template:
     name: str  # e.g. refine.v1.en
@@ -53,6 +69,17 @@ def load_template(task: str, version: str, language: str) -> Template:
         encoding="utf-8"
     )
     return Template(name=name, text=text.strip())
+
+
+def first_exchange(row: Row) -> tuple[str | None, str | None]:
+    """The row's (instruction, response) pair: a conversation's first user turn and the answer
+    to it (the row's `instruction` stands for that turn), else `instruction` and `output`."""
+    turns = row_conversation(row)
+    if turns is None:
+        return row.get("instruction"), row.get("output")
+    pairs = exchanges(turns)
+    return row.get("instruction") or (pairs[0][0] if pairs else None), \
+        pairs[0][1] if pairs else None
 
 
 def detect_language(text: str) -> str:

@@ -2,6 +2,10 @@
 
 Every prompt is a versioned template in English and Chinese, picked by the question's language.
 A parser returns None for an answer it cannot read; the caller records that per row.
+
+What a row asks, for every step that judges or answers it again (score, auto_correct, the
+LLM2LLM student, grader and teacher): a single-turn row's instruction (and input); a
+conversation's turns before its last assistant turn, whose answer is the row's `output`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,13 @@ import json
 import math
 import re
 
+from augment_ray.conversations import (
+    Turn,
+    apply_text_columns,
+    history_text,
+    judged_turns,
+    row_conversation,
+)
 from augment_ray.tasks.base import Messages, Row, detect_language, load_template
 
 JUDGE_TEMPLATES = {
@@ -34,12 +45,37 @@ YES_TOKENS = frozenset({"yes", "y", "true", "是", "是的", "对", "正确"})
 NO_TOKENS = frozenset({"no", "n", "false", "否", "不", "不是", "错误"})
 
 
+def asked_turns(row: Row, instruction_column: str = "instruction") -> list[Turn] | None:
+    """A conversation's turns before its last assistant turn (the answer judged: the row's
+    `output`), the first user turn as `instruction_column` has it; None for a single-turn
+    row."""
+    turns = row_conversation(row)
+    if turns is None:
+        return None
+    instruction = row.get(instruction_column)
+    return judged_turns(apply_text_columns(turns, str(instruction) if instruction else None,
+                                           None))[0]
+
+
 def judged_text(row: Row, instruction_column: str = "instruction") -> str:
-    """The question a row asks (what a judge or a student answers): the instruction, plus the
-    row's input when it has one."""
+    """The question a row asks (what a judge or a student answers), as text: the instruction,
+    plus the row's input when it has one; for a conversation its asked_turns, as 'Role: text'
+    paragraphs (just the question when there is nothing before it)."""
+    asked = asked_turns(row, instruction_column)
+    if asked is not None:
+        return asked[0]["content"] if len(asked) == 1 else history_text(asked)
     question = str(row.get(instruction_column) or "")
     context = row.get("input")
     return f"{question}\n\n{context}" if context else question
+
+
+def answer_messages(row: Row, instruction_column: str = "instruction") -> Messages:
+    """The prompt that answers what a row asks (consistency samples, candidate responses, a
+    student's answer): a conversation's asked_turns as chat messages, else answer_prompt."""
+    asked = asked_turns(row, instruction_column)
+    if asked is not None and len(asked) > 1:
+        return [dict(turn) for turn in asked]
+    return answer_prompt(judged_text(row, instruction_column))
 
 
 def _user(content: str) -> Messages:

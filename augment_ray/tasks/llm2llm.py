@@ -1,5 +1,9 @@
 """LLM2LLM tasks: the student answers a seed, a judge grades an answer, the teacher writes a new
-example like a seed the student got wrong (validated per task kind)."""
+example like a seed the student got wrong (validated per task kind).
+
+A conversation seed asks its last answered user turn, given the turns before it (tasks.judge's
+asked_turns): the student answers that as a chat, and is graded against the row's `output`,
+the conversation's last assistant turn."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from augment_ray.tasks.base import (
     extract_tagged,
     load_template,
 )
-from augment_ray.tasks.judge import answer_prompt, judged_text, yes_no_answer
+from augment_ray.tasks.judge import answer_messages, asked_turns, judged_text, yes_no_answer
 
 PREDICTION = "student_prediction"
 JUDGE_VERDICT = "judge_verdict"
@@ -55,6 +59,13 @@ def split_labelled(text: str) -> tuple[str | None, str | None]:
     return text[question.end():answer.start()].strip() or None, text[answer.end():].strip()
 
 
+def seed_questions(row: Row) -> list[str]:
+    """What a seed asks: its instruction, and a conversation's last asked user turn."""
+    asked = asked_turns(row) or []
+    last = next((t["content"] for t in reversed(asked) if t["role"] == "user"), None)
+    return [row["instruction"], *([last] if last else [])]
+
+
 class PredictTask:
     """The student's answer to a seed instruction (never rejected: an empty answer is wrong)."""
 
@@ -63,7 +74,7 @@ class PredictTask:
     output_columns = (PREDICTION,)
 
     def prompts(self, row: Row) -> list[Messages]:
-        return [answer_prompt(judged_text(row))]
+        return [answer_messages(row)]
 
     def parse(self, row: Row, text: str) -> dict[str, str | None]:
         return {PREDICTION: text.strip()}
@@ -77,8 +88,9 @@ class JudgeGradeTask:
     output_columns = (JUDGE_VERDICT,)
 
     def prompts(self, row: Row) -> list[Messages]:
-        template = load_template("grade_judge", "v1", detect_language(row["instruction"]))
-        content = template.render(instruction=row["instruction"],
+        question = judged_text(row)
+        template = load_template("grade_judge", "v1", detect_language(question))
+        content = template.render(instruction=question,
                                   reference=row.get("output") or "",
                                   prediction=row.get(PREDICTION) or "")
         return [[{"role": "user", "content": content}]]
@@ -105,9 +117,9 @@ class TeacherTask:
         self.template_version = f"llm2llm_{task}.v1"
 
     def prompts(self, row: Row) -> list[Messages]:
-        template = load_template(f"llm2llm_{self.task}", "v1",
-                                 detect_language(row["instruction"]))
-        content = template.render(instruction=row["instruction"],
+        question = judged_text(row)
+        template = load_template(f"llm2llm_{self.task}", "v1", detect_language(question))
+        content = template.render(instruction=question,
                                   response=row.get("output") or "",
                                   labels=", ".join(self.labels))
         return [[{"role": "user", "content": content}] for _ in range(self.per_wrong)]
@@ -122,7 +134,7 @@ class TeacherTask:
         if self.task == "math":
             answer = _FINAL_LINE_END.sub(r"\1", answer)  # drop chatter after '#### N'
 
-        if fold_str(question) == fold_str(row["instruction"]):
+        if fold_str(question) in {fold_str(seed) for seed in seed_questions(row)}:
             raise ParseFailure("copy_of_seed", question[:500])
         if self.task == "math":
             if "####" not in answer or final_number(answer.split("####")[-1]) is None:

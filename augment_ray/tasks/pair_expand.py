@@ -20,6 +20,7 @@ from augment_ray.tasks.base import (
     Row,
     detect_language,
     extract_tagged,
+    first_exchange,
     load_template,
 )
 from augment_ray.validate.checks import Candidate, Embed, Failure, PairChecks
@@ -67,17 +68,18 @@ class PairExpandTask:
         self._pool: list[Row] = []
 
     def with_batch(self, rows: list[Row]) -> None:
-        """The rows other seed pairs are drawn from: the live rows of this batch."""
-        self._pool = [r for r in rows if r.get("output")]
+        """The rows other seed pairs are drawn from: the live rows of this batch that have a
+        pair (a conversation's is its first exchange)."""
+        self._pool = [r for r in rows if all(first_exchange(r))]
 
-    def _examples(self, row: Row) -> list[tuple[str, str]]:
+    def _examples(self, row: Row) -> list[tuple[str | None, str | None]]:
         others = [r for r in self._pool if r["id"] != row["id"]]
         rng = random.Random(f"{self.seed}:{row['id']}")
         chosen = rng.sample(others, min(self.k - 1, len(others)))
-        return [(r["instruction"], r["output"]) for r in [row, *chosen]]
+        return [first_exchange(r) for r in [row, *chosen]]  # both set: see with_batch
 
     def prompts(self, row: Row) -> list[Messages]:
-        if not row.get("output"):
+        if not all(first_exchange(row)):
             return []  # a seed without a response cannot show a pair: it is used by no prompt
         pairs = format_pairs(self._examples(row))
         if self.native:
