@@ -7,6 +7,7 @@ multi-turn with the real bundled model on a real local Ray, rerun from its journ
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -470,3 +471,28 @@ def test_respond_multi_turn_with_the_bundled_model_and_its_rerun_replays(
     schema = pq.read_schema(next((tmp_path / "out" / "data").glob("*.parquet")))
     assert schema.field("messages").type == CONVERSATION_TYPE
     assert schema.field("respond_previous_messages").type == CONVERSATION_TYPE
+
+
+def test_a_follow_up_answer_is_on_topic_with_the_questions_before_it():
+    # MT-Bench's second turns ("rewrite your previous response") say little on their own: with
+    # the real embedder, the rewrite below is off topic against the follow-up alone, on topic
+    # against the conversation's questions so far
+    from augment_ray.engines.embedding_engine import EmbeddingEngineSpec
+    from augment_ray.validate.embedder import process_embedder
+
+    first = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting "
+             "cultural experiences and must-see attractions.")
+    follow_up = "Rewrite your previous response. Start every sentence with the letter A."
+    rewrite = ("Aloha from Hawaii! A week on Oahu and Maui showed me hula, luaus and the "
+               "volcanoes. Ancient temples and Waikiki beach are attractions every visitor must "
+               "see.")
+    conversation = [say("user", first), say("assistant", "Aloha! My trip to Hawaii..."),
+                    say("user", follow_up), say("assistant", rewrite)]
+    task = respond_task(ResponseChecks())
+    candidate = task.candidate({}, {"output": rewrite, "messages": conversation})
+    assert (candidate.source, candidate.topic) == (follow_up, f"{first}\n{follow_up}")
+    embed = process_embedder(EmbeddingEngineSpec())
+    alone = ResponseChecks().check([replace(candidate, topic=None)], embed)
+    assert alone[0] is not None and alone[0][0] == "off_topic"
+    assert task.check([({}, {"output": rewrite, "messages": conversation}, None, False)],
+                      embed) == [None]

@@ -161,6 +161,31 @@ def test_example_job_runs_and_its_summary_adds_up(path: Path, tmp_path: Path):
         check_loop(run_cli("loop", str(copy)).stdout, job, out)
     else:
         check_run(run_cli("run", str(copy)).stdout, job, out)
+        if job["input"].get("columns", {}).get("turns"):
+            check_conversations(out, tmp_path)
+
+
+def check_conversations(out: Path, tmp_path: Path) -> None:
+    """A multi-turn job: each kept conversation answers every question in order, its old turns
+    beside it; and it exports as docs/CONVERSATIONS.md shows."""
+    import datasets
+
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted((out / "data").glob("*.parquet"))]
+                            ).to_pylist()
+    assert rows, "the bundled model kept no conversation"
+    for row in rows:
+        questions = [t["content"] for t in row["respond_previous_messages"]]
+        turns = row["messages"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * len(questions)
+        assert [t["content"] for t in turns[::2]] == questions
+        assert turns[-1]["content"] == row["output"]
+    target = tmp_path / "mt.jsonl"
+    done = run_cli("export", str(out), "--format", "openai-messages", "--to", str(target))
+    exported = datasets.load_dataset("json", data_files=str(target), split="train")
+    assert f"wrote {len(exported)} examples to {target}" in done.stdout
+    assert len(exported) == len(rows)
+    assert sorted(map(str, exported["messages"])) == sorted(
+        str(row["messages"]) for row in rows)
 
 
 def check_run(stdout: str, job: dict[str, Any], out: Path) -> None:

@@ -66,18 +66,21 @@ class RespondTask:
             return values, None
         return values, [*conversation, {"role": "user", "content": questions[asked]}]
 
-    def question(self, row: Row, values: dict[str, Any]) -> str:
-        """The user turn an answer answers: a conversation's latest, else the instruction."""
+    def candidate(self, row: Row, values: dict[str, Any]) -> Candidate:
+        """An answer to check against its question: a conversation's latest user turn, its
+        embedding compared with every user turn so far (a follow-up such as "rewrite your
+        previous answer" is off topic on its own); else the instruction."""
         conversation = values.get(MESSAGES)
-        if conversation:
-            return next(t["content"] for t in reversed(conversation) if t["role"] == "user")
-        return str(row[self.instruction_column])
+        if not conversation:
+            return Candidate(str(row[self.instruction_column]), values["output"])
+        questions = [t["content"] for t in conversation if t["role"] == "user"]
+        return Candidate(questions[-1], values["output"], topic="\n".join(questions))
 
     def check(self, entries: list[tuple[Row, dict, Any, bool]], embed: Embed | None
               ) -> list[Failure | None]:
         assert self.checks is not None
-        return self.checks.check([Candidate(self.question(row, values), values["output"])
-                                  for row, values, _, _ in entries], embed)
+        return self.checks.check([self.candidate(row, values) for row, values, _, _ in entries],
+                                 embed)
 
 
 class RespondStepSpec(CheckedStepSpec, LLMStepSpec):

@@ -10,7 +10,7 @@ benchmarks/validators.py and docs/CURATION.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,9 @@ class Candidate:
     group: Any = None
     kept: bool = False
     template: str | None = None  # the prompt that asked for it (its wording is no content)
+    # what the answer's embedding is compared with when more than `source`: a conversation's
+    # follow-up ("rewrite your previous answer") is on topic with the questions before it
+    topic: str | None = None
 
 
 class Checks(Spec):
@@ -261,8 +264,9 @@ class ResponseChecks(Checks):
             results.append(failure)
         if self.needs_embeddings:
             todo = [i for i, r in enumerate(results) if r is None]
-            for i, cosine in zip(todo, _cosines([candidates[i] for i in todo], embed),
-                                 strict=True):
+            on_topic = [replace(candidates[i], source=candidates[i].topic or
+                                candidates[i].source) for i in todo]
+            for i, cosine in zip(todo, _cosines(on_topic, embed), strict=True):
                 if self.max_similarity is not None and cosine > self.max_similarity:
                     results[i] = "echoes_instruction", _detail(
                         f"cosine {cosine:.3f} > max_similarity {self.max_similarity}",
