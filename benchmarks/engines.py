@@ -40,6 +40,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,8 +150,14 @@ def demo_engine_paths(args: argparse.Namespace, prompts: list) -> dict[str, Any]
     calls = [prompts[start:start + per_call] for start in range(0, len(prompts), per_call)]
     engine.generate(prompts[:2], sampling)  # warm-up: first-call allocations
     engine.generate_static(prompts[:2], sampling)
+    half = TransformersEngine.__new__(TransformersEngine)  # same model, half the batch
+    half.__dict__.update(engine.__dict__, spec=engine.spec.model_copy(
+        update={"batch_size": max(1, args.batch_size // 2)}))
     paths = {"static": engine.generate_static, "slots": engine.generate,
-             "generate_batch": lambda call, sampling: hf_generate_batch(engine, call, sampling)}
+             "generate_batch": lambda call, sampling: hf_generate_batch(engine, call, sampling),
+             # today's static batches at half the batch size: do greedy answers depend on
+             # which prompts share a batch (they do in bf16: kernels differ by shape)?
+             "static_half_batch": half.generate_static}
     chosen = [p.strip() for p in args.paths.split(",") if p.strip()]
     answers: dict[str, list] = {}
     result: dict[str, Any] = {}
@@ -233,6 +240,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             str(args.batch_size), "--threads", str(args.threads), "--dtype", args.dtype,
             "--paths", args.paths]
     paths = run_raw_in_subprocess("demo_transformers", argv)
+    paths.pop("cpu")  # the paths share one process: their own cpu_s are in each entry
     texts = paths.pop("texts")
     result: dict[str, Any] = {
         "benchmark": "transformers_generation_paths_on_make_demo",
@@ -244,6 +252,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_vllm:
         vllm = run_raw_in_subprocess("demo_vllm", argv)
         vllm_texts = vllm.pop("texts")
+        vllm["cpu_s"] = vllm.pop("cpu")["cpu_s"]
         if "static" in texts:
             vllm["same_text_as_static"] = sum(
                 a == b for a, b in zip(vllm_texts, texts["static"], strict=True))
@@ -257,16 +266,71 @@ RAW = {"transformers": raw_transformers, "vllm": raw_vllm, "openai": raw_openai,
        "demo_transformers": demo_engine_paths, "demo_vllm": raw_vllm_texts}
 
 
+class CpuSampler:
+    """CPU seconds of a process tree, by process (Ray names its workers `ray::<actor>`): where
+    the cores went. Sampled twice a second; a process's last sample counts, so one that lives
+    under half a second may be missed."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            family = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in family:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    label = (proc.cmdline() or [proc.name()])[0].rsplit("/", 1)[-1]
+                    if label.startswith("python"):
+                        label = proc.name()
+                    self.seen[proc.pid] = (label[:60], times.user + times.system)
+            except psutil.Error:
+                continue
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._sample()
+        self.stop.set()
+        self.thread.join()
+
+    def result(self, top: int = 6) -> dict[str, Any]:
+        by_label: dict[str, float] = {}
+        for label, seconds in self.seen.values():
+            by_label[label] = by_label.get(label, 0.0) + seconds
+        ranked = sorted(by_label.items(), key=lambda item: -item[1])
+        return {"cpu_s": round(sum(by_label.values()), 1),
+                "cpu_s_by_process": {label: round(sec, 1) for label, sec in ranked[:top]}}
+
+
 def run_raw_in_subprocess(engine: str, argv: list[str]) -> dict[str, Any]:
     """A fresh process: the raw engine's memory is gone before the pipeline starts."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         # the answer goes to a file: engines print their own logs to stdout
-        done = subprocess.run([sys.executable, __file__, *argv, "--raw", engine,
-                               "--raw-out", out.name], capture_output=True, text=True,
-                              check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"raw {engine} failed:\n{done.stderr[-3000:]}")
-        return json.loads(Path(out.name).read_text())
+        proc = subprocess.Popen([sys.executable, __file__, *argv, "--raw", engine,
+                                 "--raw-out", out.name], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        with CpuSampler(proc.pid) as cpu:
+            _, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"raw {engine} failed:\n{stderr[-3000:]}")
+        return {**json.loads(Path(out.name).read_text()), "cpu": cpu.result()}
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -288,6 +352,8 @@ def vllm_engine(args: argparse.Namespace) -> dict[str, Any]:
         engine.update(gpu_memory_utilization=0.15, num_cpus=0.5)
     if args.dummy:
         engine["load_format"] = "dummy"
+    if args.vllm_max_concurrent_batches:
+        engine["max_concurrent_batches"] = args.vllm_max_concurrent_batches
     return engine
 
 
@@ -351,6 +417,9 @@ def main() -> None:
     parser.add_argument("--vllm-execution", choices=["ray_data_llm", "engine_pool"],
                         default="ray_data_llm")
     parser.add_argument("--dummy", action="store_true", help="vLLM load_format=dummy")
+    parser.add_argument("--vllm-max-concurrent-batches", type=int, default=None,
+                        help="the engine's max_concurrent_batches (ray.data.llm batches in "
+                        "flight per engine); default: the engine spec's")
     parser.add_argument("--checks", action="store_true",
                         help="run refine's checks in the pipeline too (the raw engine has none)")
     parser.add_argument("--openai-url", default=None)
@@ -401,10 +470,14 @@ def main() -> None:
                      logging_level="WARNING", log_to_driver=False,  # stdout is the JSON
                      runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None)
             try:
-                pipeline = run_pipeline(engine, args, rows, Path(tmp))
+                with CpuSampler(os.getpid()) as cpu:
+                    pipeline = run_pipeline(engine, args, rows, Path(tmp))
             finally:
                 ray.shutdown()
+            raw_cpu = raw.pop("cpu")
             result["engines"][engine] = compare(raw, pipeline)
+            result["engines"][engine]["raw"]["cpu"] = raw_cpu
+            result["engines"][engine]["pipeline"]["cpu"] = cpu.result()
             if engine == "vllm":
                 result["engines"][engine]["execution"] = args.vllm_execution
                 result["engines"][engine]["dummy_weights"] = args.dummy
