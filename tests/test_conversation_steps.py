@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from scripted_runner import runner as scripted_runner
 
 from augment_ray import pipeline
 from augment_ray.config.base import SamplingParams
@@ -40,8 +41,6 @@ from augment_ray.steps.auto_correct import (
 )
 from augment_ray.steps.auto_filter import Threshold
 from augment_ray.steps.engine_pool import GuardedEngine
-from augment_ray.steps.generation import GenerationRows, RunOptions
-from augment_ray.steps.llm import LLMTaskRunner
 from augment_ray.steps.score import ScoreRunner, ScoreStepSpec
 from augment_ray.storage import location
 from augment_ray.tasks import judge
@@ -109,14 +108,8 @@ class ChatEngine:
         return [p for call in self.calls for p in call]
 
 
-def runner(task, engine, **options) -> LLMTaskRunner:
-    built = object.__new__(LLMTaskRunner)  # skip loading a model; everything else is real
-    built.step, built.task = "r", task
-    built.options = RunOptions(**options)
-    built.engine = engine
-    built.out = GenerationRows("r", "e", "scripted", task,
-                               SamplingParams(temperature=0.0, max_tokens=8))
-    return built
+def runner(task, engine, **options):
+    return scripted_runner(task, engine, "r", **options)
 
 
 def respond_task(checks: ResponseChecks | None = None,

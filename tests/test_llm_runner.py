@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import pyarrow as pa
+from scripted_runner import runner
 
 from augment_ray.config.base import SamplingParams
 from augment_ray.engines.base import Completion
 from augment_ray.rows import derived_id
-from augment_ray.steps.generation import Generation, GenerationRows, RunOptions
-from augment_ray.steps.llm import LLMTaskRunner
+from augment_ray.steps.generation import Generation, GenerationRows
 from augment_ray.tasks.expand import ExpandTask
 from augment_ray.tasks.respond import RespondTask
 
@@ -27,16 +27,6 @@ class ScriptedEngine:
     def generate(self, prompts, sampling):
         self.calls.append(sampling)
         return [Completion(self.answers.pop(0), 10, 5, self.finish) for _ in prompts]
-
-
-def runner(task, engine, **options) -> LLMTaskRunner:
-    built = object.__new__(LLMTaskRunner)  # skip loading a model; everything else is real
-    built.step, built.task = "s", task
-    built.options = RunOptions(**options)
-    built.engine = engine
-    built.out = GenerationRows("s", "e", "scripted", task,
-                               SamplingParams(temperature=0.0, max_tokens=8))
-    return built
 
 
 def seed_table(*instructions: str | None, rejected_first: bool = False) -> pa.Table:
