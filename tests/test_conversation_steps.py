@@ -341,6 +341,37 @@ def test_score_judges_the_last_answer_given_the_turns_before_it(monkeypatch):
     assert "no assistant turn" in out[1]["reject_detail"]
 
 
+def test_score_each_turn_judges_every_answer_and_keeps_the_lowest(monkeypatch):
+    # the judge likes the second answer and doubts the first
+    engine = RuleEngine([("Proposed answer:\nold1", done("No", ({"Yes": -2.0, "No": -0.2},))),
+                         ("Proposed answer:\nold2", done("Yes", ({"Yes": -0.1, "No": -2.5},))),
+                         ("Proposed answer:\nold single", done("Yes", ({"Yes": -0.1, "No": -3},)))])
+    monkeypatch.setattr(engine_pool, "build_engine", lambda spec: engine)
+
+    def scored(turns: str) -> list[dict]:
+        engine.prompts.clear()
+        runner = ScoreRunner(engine_spec=TransformersEngineSpec(), step="score",
+                             spec=ScoreStepSpec(kind="score", engine="e", turns=turns),
+                             sampling=SamplingParams(max_tokens=8))
+        return runner(table_of([TWO_EXCHANGES, None])).to_pylist()
+
+    last, single = scored("last")
+    assert "score_turn_confidences" not in last and last["score_confidence"] > 0.5
+    each, single_each = scored("each")
+    first_judged = next(p[-1]["content"] for p in engine.prompts if "old1" in p[-1]["content"])
+    # the turns before answer 1 only
+    assert "System: Answer briefly.\n\nUser: Q1\n\nProposed" in first_judged
+    assert "Q2" not in first_judged
+    second_judged = next(p[-1]["content"] for p in engine.prompts if "old2" in p[-1]["content"])
+    assert "User: Q1\n\nAssistant: old1\n\nUser: Q2" in second_judged
+    low, high = each["score_turn_confidences"]
+    assert low < 0.5 < high and each["score_confidence"] == low == each["score_p_yes"]
+    assert each["score_prompt_tokens"] == 40  # two judged answers, 20 each
+    # a single-turn row is one answer either way
+    assert single_each["score_turn_confidences"] == [single_each["score_confidence"]]
+    assert single_each["score_confidence"] == single["score_confidence"]
+
+
 def test_auto_correct_rewrites_the_last_answer_given_the_turns_before_it(monkeypatch):
     engine = RuleEngine([("Response A:", done("Yes", ({"Yes": -0.05, "No": -3.0},))),
                          ("Q2", done("new2"))])

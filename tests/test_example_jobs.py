@@ -179,6 +179,9 @@ def check_conversations(out: Path, tmp_path: Path) -> None:
         assert [t["role"] for t in turns] == ["user", "assistant"] * len(questions)
         assert [t["content"] for t in turns[::2]] == questions
         assert turns[-1]["content"] == row["output"]
+        # score, turns: each: one confidence per answer, the row's is the lowest
+        answers = row["score_turn_confidences"]
+        assert len(answers) == len(questions) and row["score_confidence"] == min(answers)
     target = tmp_path / "mt.jsonl"
     done = run_cli("export", str(out), "--format", "openai-messages", "--to", str(target))
     exported = datasets.load_dataset("json", data_files=str(target), split="train")

@@ -22,7 +22,7 @@ from augment_ray.config.base import (
     SamplingParams,
 )
 from augment_ray.config.steps import EngineStepSpec
-from augment_ray.conversations import MESSAGES, last_assistant
+from augment_ray.conversations import MESSAGES, apply_text_columns, last_assistant
 from augment_ray.curate.confidence import answer_similarity, combine, rubric_certainty
 from augment_ray.engines.base import Completion
 from augment_ray.io.journal import GenerationJournal
@@ -44,9 +44,11 @@ from augment_ray.tasks.base import Messages
 log = logging.getLogger(__name__)
 
 
-def score_columns(step: str, methods: list[str]) -> dict[str, pa.DataType]:
+def score_columns(step: str, methods: list[str], turns: str = "last"
+                  ) -> dict[str, pa.DataType]:
     return {
         f"{step}_confidence": pa.float64(),
+        **({f"{step}_turn_confidences": pa.list_(pa.float64())} if turns == "each" else {}),
         **{f"{step}_{method}": pa.float64() for method in methods},
         f"{step}_notes": pa.string(),
         f"{step}_model": pa.string(),
@@ -74,6 +76,10 @@ class ScoreStepSpec(EngineStepSpec):
     )
     instruction_column: str = Field("instruction", description="the question being answered")
     response_column: str = Field("output", description="the response being judged")
+    turns: Literal["last", "each"] = Field(
+        "last", description="on conversations: judge the last assistant turn given the turns "
+        "before it, or each assistant turn given the turns before it (the row's confidence is "
+        "the lowest; <name>_turn_confidences lists them)")
     beta: float = Field(0.7, ge=0.0, le=1.0, description="weight of observed consistency")
     consistency_samples: int = Field(3, gt=0, le=20, description="answers sampled per row (k)")
     consistency_temperature: float = Field(
@@ -254,37 +260,75 @@ class ScoreRunner(EngineActor):
                 failures[index] = ("missing_response", f"{spec.response_column} is empty" + (
                     ": the conversation has no assistant turn" if unanswered else ""))
                 continue
-            # a conversation's last answer is judged, given the turns before it
-            questions[index] = judge.judged_text(row, spec.instruction_column)
-            asks[index] = judge.answer_messages(row, spec.instruction_column)
-            responses[index] = str(response)
+            # a conversation's last answer is judged, given the turns before it (or each one)
+            for key, part in judged_parts(index, row, str(response), spec.turns):
+                questions[key] = judge.judged_text(part, spec.instruction_column)
+                asks[key] = judge.answer_messages(part, spec.instruction_column)
+                responses[key] = part["output"]
 
         started = time.perf_counter()
         scores = self.score(questions, responses, asks) if questions else {}
-        log.info("%s: scored %d rows in %.1fs", self.step, len(scores),
+        log.info("%s: scored %d answers in %.1fs", self.step, len(scores),
                  time.perf_counter() - started)
+        by_row: dict[int, list[tuple[int, RowScore]]] = {}
+        for (index, answer), row_score in scores.items():
+            by_row.setdefault(index, []).append((answer, row_score))
 
         n = len(table)
-        kinds = score_columns(self.step, spec.methods)
+        kinds = score_columns(self.step, spec.methods, spec.turns)
         columns: dict[str, list[Any]] = {name: [None] * n for name in kinds}
-        for index, row in scores.items():
-            confidence = self.confidence(row)
+        for index, parts in by_row.items():
+            confidence, weakest, per_answer, notes = self.combined(parts)
             values = {
                 f"{self.step}_confidence": confidence,
-                **{f"{self.step}_{m}": row.values.get(m) for m in spec.methods},
-                f"{self.step}_notes": "; ".join(row.notes) or None,
+                **{f"{self.step}_{m}": weakest.values.get(m) for m in spec.methods},
+                f"{self.step}_notes": notes or None,
                 f"{self.step}_model": self.engine.model_name,
                 f"{self.step}_template": self.template,
-                f"{self.step}_prompt_tokens": row.prompt_tokens,
-                f"{self.step}_completion_tokens": row.completion_tokens,
+                f"{self.step}_prompt_tokens": sum(p.prompt_tokens for _, p in parts),
+                f"{self.step}_completion_tokens": sum(p.completion_tokens for _, p in parts),
             }
+            if spec.turns == "each":
+                values[f"{self.step}_turn_confidences"] = per_answer
             for name, value in values.items():
                 columns[name][index] = value
             if confidence is None:
-                failures[index] = ("unscorable", "; ".join(row.notes)[:1000])
+                failures[index] = ("unscorable", notes[:1000])
         for name, values in columns.items():
             table = set_column(table, name, pa.array(values, kinds[name]))
         return reject_rows(table, self.step, failures)
+
+    def combined(self, parts: list[tuple[int, RowScore]]
+                 ) -> tuple[float | None, RowScore, list[float | None], str]:
+        """A row's confidence from its judged answers (one, or each of a conversation's): the
+        lowest, and None when any answer could not be scored (an answer not judged is not
+        kept unchecked); the weakest answer's components; each answer's confidence; the notes,
+        named by answer when there are several."""
+        confidences = [self.confidence(score) for _, score in parts]
+        scored = [c for c in confidences if c is not None]
+        confidence = min(scored) if len(scored) == len(parts) else None
+        weakest = parts[confidences.index(min(scored))][1] if scored else parts[0][1]
+        if len(parts) == 1:
+            notes = "; ".join(parts[0][1].notes)
+        else:
+            notes = "; ".join(f"answer {answer}: {note}" for answer, score in parts
+                              for note in score.notes)
+        return confidence, weakest, confidences, notes
+
+
+def judged_parts(index: int, row: dict[str, Any], response: str, turns: str
+                 ) -> list[tuple[tuple[int, int], dict[str, Any]]]:
+    """What is judged of a row, keyed (row, answer number): the row itself; or with turns:
+    each, one part per assistant turn of its conversation, that turn as `output` and the turns
+    before it as the conversation (the last turn as `response` says)."""
+    conversation = row.get(MESSAGES)
+    if turns != "each" or not conversation:
+        return [((index, 1), {**row, "output": response})]
+    conversation = apply_text_columns(conversation, None, response)
+    answers = [j for j, turn in enumerate(conversation) if turn["role"] == "assistant"]
+    return [((index, k), {**row, MESSAGES: conversation[:j + 1],
+                          "output": conversation[j]["content"]})
+            for k, j in enumerate(answers, start=1)]
 
 
 @step_kind(ScoreStepSpec)
@@ -317,7 +361,7 @@ class ScoreStep(Step):
         prepare_engine(self.engine_spec)
 
     def output_columns(self) -> list[str]:
-        return list(score_columns(self.name, self.spec.methods))
+        return list(score_columns(self.name, self.spec.methods, self.spec.turns))
 
     def cpu_request(self) -> float:
         return pool_cpus(self.engine_spec)
@@ -328,6 +372,7 @@ class ScoreStep(Step):
             **super().describe(),
             **describe_in_pool(self.engine_name, self.engine_spec),
             "methods": spec.methods,
+            **({"turns": "each"} if spec.turns == "each" else {}),
             "beta": spec.beta,
             **({"consistency": {"samples": spec.consistency_samples,
                                 "temperature": spec.consistency_temperature,
