@@ -48,6 +48,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from process_tree import read_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "jobs" / "data" / "self_instruct_seed"
@@ -280,22 +281,16 @@ class CpuSampler:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        import psutil
+        def read(proc: Any) -> tuple[int, str, float]:
+            with proc.oneshot():
+                times = proc.cpu_times()
+                label = (proc.cmdline() or [proc.name()])[0].rsplit("/", 1)[-1]
+                if label.startswith("python"):
+                    label = proc.name()
+                return proc.pid, label[:60], times.user + times.system
 
-        try:
-            family = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for proc in family:
-            try:
-                with proc.oneshot():
-                    times = proc.cpu_times()
-                    label = (proc.cmdline() or [proc.name()])[0].rsplit("/", 1)[-1]
-                    if label.startswith("python"):
-                        label = proc.name()
-                    self.seen[proc.pid] = (label[:60], times.user + times.system)
-            except psutil.Error:
-                continue
+        for pid, label, seconds in read_tree(self.root, read) or []:
+            self.seen[pid] = (label, seconds)
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):

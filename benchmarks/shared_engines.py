@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 import pyarrow.parquet as pq
 import yaml
+from process_tree import read_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "jobs" / "data" / "self_instruct_seed"
@@ -77,20 +78,12 @@ class PeakMemory(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            tree = actors = 0
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.Error:
+            found = read_tree(self.root, lambda p: (p.memory_info().rss, " ".join(p.cmdline())))
+            if found is None:
                 break
-            for process in processes:
-                try:
-                    rss = process.memory_info().rss
-                    title = " ".join(process.cmdline())
-                except psutil.Error:
-                    continue
-                tree += rss
-                if any(name in title for name in RUNNERS) and "IDLE" not in title:
-                    actors += rss
+            tree = sum(rss for rss, _ in found)
+            actors = sum(rss for rss, title in found
+                         if any(name in title for name in RUNNERS) and "IDLE" not in title)
             self.tree, self.actors = max(self.tree, tree), max(self.actors, actors)
             time.sleep(0.25)
 
