@@ -402,6 +402,22 @@ def check_first_shard(spec: InputSpec, shard: InputShard) -> list[str]:
     return []
 
 
+def first_shard_schema(spec: InputSpec) -> pa.Schema | None:
+    """The columns of the input's first file as stored (before input.columns maps them), from
+    its first batch; None for an empty JSONL file. Steps decide from it before the run, as the
+    reader's own column check does."""
+    shard = list_input_shards(spec)[0]
+    for table in read_shard_batches(location(spec.uri, spec.storage), shard):
+        return table.schema
+    return None
+
+
+def input_has_conversations(spec: InputSpec) -> bool:
+    """Whether the input's rows are conversations (its first file has a conversation column)."""
+    schema = first_shard_schema(spec)
+    return schema is not None and conversation_column(schema, spec.columns, spec.uri) is not None
+
+
 def check_given_ids_unique(spec: InputSpec, shards: list[InputShard]) -> None:
     """With input.columns.id set explicitly, every given id must be unique across the input
     (dedup keeps the lowest id, resume and lineage join on it): reads only the id column of

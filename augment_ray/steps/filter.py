@@ -14,10 +14,9 @@ from augment_ray.config.steps import StepSpec
 from augment_ray.conversations import SIDES
 from augment_ray.curate.filters import enabled_rules, filter_table
 from augment_ray.io.conversation_input import conversation_column
-from augment_ray.io.read import list_input_shards, read_shard_batches
+from augment_ray.io.read import first_shard_schema
 from augment_ray.kinds import step_kind, step_kinds
 from augment_ray.steps.base import Step
-from augment_ray.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +28,12 @@ def input_has_column(spec: InputSpec, canonical: str) -> bool:
     instruction and an output (its turns). Decided from the first file, as the reader's own
     column check is."""
     source = getattr(spec.columns, canonical)
-    shard = list_input_shards(spec)[0]
-    for table in read_shard_batches(location(spec.uri, spec.storage), shard):
-        if conversation_column(table.schema, spec.columns, shard.path) is not None:
-            return canonical in SIDES  # a conversation's user and assistant turns
-        return source is not None and source in table.column_names
-    return source is not None  # an empty first file tells nothing: keep the rules on
+    schema = first_shard_schema(spec)
+    if schema is None:  # an empty first file tells nothing: keep the rules on
+        return source is not None
+    if conversation_column(schema, spec.columns, spec.uri) is not None:
+        return canonical in SIDES  # a conversation's user and assistant turns
+    return source is not None and source in schema.names
 
 
 def _filter_batch(batch: pa.Table, spec: FilterStepSpec, step: str,

@@ -23,7 +23,7 @@ from augment_ray.engines.base import describe_engine
 from augment_ray.engines.embedding_engine import EmbeddingEngineSpec
 from augment_ray.errors import JobSpecError
 from augment_ray.io.journal import GenerationJournal
-from augment_ray.io.read import check_first_shard, list_input_shards
+from augment_ray.io.read import input_has_conversations
 from augment_ray.progress import CallProgress, input_rows
 from augment_ray.rows import CANONICAL_TEXT, reject_rows
 from augment_ray.steps.base import Step
@@ -243,13 +243,6 @@ class LLMStep(Step):
             **diversity_columns(self.task),
             **checks_summary(self.task, self.embedder_spec),
         }
-
-
-def input_has_conversations(spec: InputSpec) -> bool:
-    """Whether the input's rows carry a `messages` column (as the pipeline reads its first
-    shard, after the column mapping)."""
-    shards = list_input_shards(spec)
-    return bool(shards) and MESSAGES in check_first_shard(spec, shards[0])
 
 
 def checks_summary(task: LLMTask, embedder: EmbeddingEngineSpec | None) -> dict[str, Any]:
